@@ -1,0 +1,125 @@
+"""Redis cache-aside for product reads (ARCHITECTURE rule 5).
+
+The cache is an optimisation: every call swallows Redis errors and the caller
+falls back to PostgreSQL.  Writers (workers after commit) store the fresh
+product; a reader's fill never overwrites a newer version, so a read that began
+before a commit cannot put the old stock back after it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+LISTING_GENERATION_KEY = "products:generation"
+
+# SET only when the stored version is older (or absent): ARGV = value, version, ttl.
+_SET_IF_NEWER = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local stored = tonumber(cjson.decode(current)['v'])
+  if stored and stored >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"""
+
+# After a failure, leave Redis alone this long so a dead cache costs no timeouts.
+_BACKOFF_SECONDS = 2.0
+
+
+def product_key(product_id: int) -> str:
+    return f"product:{product_id}"
+
+
+class ProductCache:
+    def __init__(self, client: redis.Redis, ttl_seconds: int) -> None:
+        self._client = client
+        self._ttl = ttl_seconds
+        self._set_if_newer = client.register_script(_SET_IF_NEWER)
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, exc: Exception) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + _BACKOFF_SECONDS
+        log.warning("product cache unavailable: %s", exc)
+
+    def get_product(self, product_id: int) -> dict[str, Any] | None:
+        if not self._available():
+            return None
+        try:
+            raw = self._client.get(product_key(product_id))
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return None
+        if raw is None:
+            return None
+        doc: dict[str, Any] = json.loads(raw)["doc"]
+        return doc
+
+    def put_product(self, doc: dict[str, Any], version: int) -> None:
+        if not self._available():
+            return
+        value = json.dumps({"v": version, "doc": doc}, separators=(",", ":"))
+        try:
+            self._set_if_newer(keys=[product_key(int(doc["id"]))], args=[value, version, self._ttl])
+        except redis.RedisError as exc:
+            self._failed(exc)
+
+    def listing_generation(self) -> int | None:
+        if not self._available():
+            return None
+        try:
+            raw = self._client.get(LISTING_GENERATION_KEY)
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return None
+        return int(raw or 0)
+
+    def get_listing(self, generation: int, query_key: str) -> dict[str, Any] | None:
+        try:
+            raw = self._client.get(f"products:list:{generation}:{query_key}")
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return None
+        if raw is None:
+            return None
+        page: dict[str, Any] = json.loads(raw)
+        return page
+
+    def put_listing(self, generation: int, query_key: str, page: dict[str, Any]) -> None:
+        try:
+            self._client.set(
+                f"products:list:{generation}:{query_key}",
+                json.dumps(page, separators=(",", ":")),
+                ex=self._ttl,
+            )
+        except redis.RedisError as exc:
+            self._failed(exc)
+
+    def invalidate_listings(self) -> None:
+        """Every cached listing page becomes unreachable (their keys embed the generation)."""
+        try:
+            self._client.incr(LISTING_GENERATION_KEY)
+        except redis.RedisError as exc:
+            self._failed(exc)
+
+
+def make_redis(url: str, *, timeout: float = 1.0) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        health_check_interval=30,
+    )

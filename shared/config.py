@@ -1,0 +1,180 @@
+"""Settings from the environment: the only module that reads ``os.environ``.
+
+Every tunable of the system is a field here, named after its variable
+(``DATABASE_URL`` -> ``database_url``) and converted once at load time.  Web,
+workers and tools build one ``Settings`` per process with ``Settings.from_env()``;
+tests construct ``Settings(...)`` directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+
+class AppEnv(enum.StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class ConfigError(RuntimeError):
+    """A variable is missing or malformed; the message names it."""
+
+
+# Logical Redis databases, fixed so that flushing the cache can never drop a queue.
+REDIS_DB_BROKER = 0
+REDIS_DB_CACHE = 1
+REDIS_DB_LIMITER = 2
+REDIS_DB_COORDINATION = 3  # wake flags, coupon sold-out markers
+
+_RATE_LIMIT = re.compile(r"^\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?$", re.IGNORECASE)
+_SECRET_FIELDS = frozenset({"admin_token"})
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redis_url_for(url: str, db: int) -> str:
+    """The same Redis server as ``url``, on logical database ``db``."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    app_env: AppEnv = AppEnv.DEVELOPMENT
+    admin_token: str = ""
+    database_replica_url: str | None = None
+
+    # Queue partitioning and the worker's batching (ARCHITECTURE rules 1 and 6).
+    partitions: int = 16
+    batch_size: int = 200
+    job_max_attempts: int = 3
+    sweep_after_seconds: float = 5.0
+    sweep_interval_seconds: float = 2.0
+    visibility_timeout_seconds: int = 300
+    task_time_limit_seconds: int = 120
+
+    # HTTP edge.
+    rate_limit: str = "200/second"
+    max_wait_seconds: int = 30
+    max_body_bytes: int = 64 * 1024
+    idempotency_ttl_seconds: int = 24 * 3600
+
+    # Product read cache (ARCHITECTURE rule 5).
+    cache_ttl_seconds: int = 600
+
+    # Database session tuning.
+    db_pool_size: int = 10
+    db_connect_timeout_seconds: int = 2
+    db_statement_timeout_ms: int = 15_000
+    db_lock_timeout_ms: int = 5_000
+
+    # Fail-fast circuit breakers for the database and the broker.
+    breaker_fail_max: int = 3
+    breaker_reset_seconds: float = 5.0
+
+    log_level: str = "INFO"
+
+    extra: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL is required")
+        if self.partitions < 1:
+            raise ConfigError("PARTITIONS must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError("BATCH_SIZE must be at least 1")
+        if self.rate_limit.lower() != "off" and not _RATE_LIMIT.match(self.rate_limit):
+            raise ConfigError(f"RATE_LIMIT must look like '200/second' or 'off', not {self.rate_limit!r}")
+        if self.app_env is AppEnv.PRODUCTION and not self.admin_token:
+            raise ConfigError("ADMIN_TOKEN is required when APP_ENV=production")
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in dataclasses.fields(self):
+            if not f.repr:
+                continue
+            value = getattr(self, f.name)
+            if f.name in _SECRET_FIELDS and value:
+                value = "***"
+            elif isinstance(value, str) and "://" in value:
+                value = _redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    @property
+    def rate_limit_enabled(self) -> bool:
+        return self.rate_limit.lower() != "off"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return to_sqlalchemy_url(self.database_url)
+
+    @property
+    def broker_url(self) -> str:
+        return redis_url_for(self.redis_url, REDIS_DB_BROKER)
+
+    @property
+    def cache_url(self) -> str:
+        return redis_url_for(self.redis_url, REDIS_DB_CACHE)
+
+    @property
+    def limiter_url(self) -> str:
+        return redis_url_for(self.redis_url, REDIS_DB_LIMITER)
+
+    @property
+    def coordination_url(self) -> str:
+        return redis_url_for(self.redis_url, REDIS_DB_COORDINATION)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        if not env.get("DATABASE_URL"):
+            raise ConfigError(
+                "DATABASE_URL is required (make run starts an embedded PostgreSQL and sets it)"
+            )
+        kwargs: dict[str, object] = {"database_url": env["DATABASE_URL"]}
+        for f in dataclasses.fields(cls):
+            if f.name in ("database_url", "extra"):
+                continue
+            name = f.name.upper()
+            if name not in env or env[name] == "":
+                continue
+            kwargs[f.name] = _convert(name, f.type, env[name])
+        return cls(**kwargs)  # type: ignore[arg-type]  # fields checked one by one above
+
+
+def _convert(name: str, type_name: object, raw: str) -> object:
+    text = str(type_name)
+    try:
+        if text == "int":
+            return int(raw)
+        if text == "float":
+            return float(raw)
+        if text == "AppEnv":
+            return AppEnv(raw.lower())
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a valid {text}") from exc
+    return raw
+
+
+def to_sqlalchemy_url(url: str) -> str:
+    """``postgresql://`` (what libpq tools take) -> the psycopg 3 dialect SQLAlchemy needs."""
+    for prefix in ("postgresql+psycopg2://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url

@@ -1,0 +1,143 @@
+"""Products and their stock: never negative, changed only by guarded SQL."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy.orm import Session
+
+from shared.domain.errors import NotFound, ProductNotFound
+from shared.formats import rfc3339
+from shared.models import Product
+
+
+class ProductSort(enum.StrEnum):
+    ID = "id"
+    NAME = "name"
+    PRICE = "price"
+    CREATED_AT = "createdAt"
+
+
+_SORT_COLUMNS = {
+    ProductSort.ID: Product.id,
+    ProductSort.NAME: Product.name,
+    ProductSort.PRICE: Product.price,
+    ProductSort.CREATED_AT: Product.created_at,
+}
+
+
+@dataclass(frozen=True)
+class ProductQuery:
+    name: str | None = None
+    min_price: int | None = None
+    max_price: int | None = None
+    in_stock: bool | None = None
+    sort: ProductSort = ProductSort.ID
+    descending: bool = False
+    page: int = 1
+    size: int = 20
+
+
+def product_document(product: Product) -> dict[str, Any]:
+    """The product as API.md shows it (also the cached value and the STOCK_SET result)."""
+    return {
+        "id": product.id,
+        "name": product.name,
+        "price": product.price,
+        "stock": product.stock,
+        "createdAt": rfc3339(product.created_at),
+        "updatedAt": rfc3339(product.updated_at),
+    }
+
+
+def create_product(session: Session, *, name: str, price: int, stock: int) -> Product:
+    product = Product(name=name, price=price, stock=stock)
+    session.add(product)
+    session.flush()  # to obtain the generated id and server-side timestamps
+    session.refresh(product)
+    return product
+
+
+def get_product(session: Session, product_id: int) -> Product:
+    """Raises ``NotFound``."""
+    product = session.get(Product, product_id)
+    if product is None:
+        raise NotFound(f"product {product_id} does not exist")
+    return product
+
+
+def list_products(session: Session, query: ProductQuery) -> tuple[list[Product], int]:
+    """One page of products matching ``query``, ties broken by id, and the total count."""
+    conditions: list[ColumnElement[bool]] = []
+    if query.name:
+        pattern = "%" + query.name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        conditions.append(Product.name.ilike(pattern, escape="\\"))
+    if query.min_price is not None:
+        conditions.append(Product.price >= query.min_price)
+    if query.max_price is not None:
+        conditions.append(Product.price <= query.max_price)
+    if query.in_stock is True:
+        conditions.append(Product.stock > 0)
+    elif query.in_stock is False:
+        conditions.append(Product.stock == 0)
+
+    total = session.execute(select(func.count()).select_from(Product).where(*conditions)).scalar_one()
+    column = _SORT_COLUMNS[query.sort]
+    order = [column.desc(), Product.id.desc()] if query.descending else [column.asc(), Product.id.asc()]
+    if query.sort is ProductSort.ID:
+        order = order[:1]
+    rows = session.execute(
+        select(Product)
+        .where(*conditions)
+        .order_by(*order)
+        .offset((query.page - 1) * query.size)
+        .limit(query.size)
+    ).scalars()
+    return list(rows), int(total)
+
+
+def set_stock(session: Session, product_id: int, stock: int) -> Product:
+    """Set the product's stock to ``stock``.  Raises ``ProductNotFound``."""
+    product = session.execute(
+        update(Product)
+        .where(Product.id == product_id)
+        .values(stock=stock, version=Product.version + 1, updated_at=func.now())
+        .returning(Product)
+    ).scalar_one_or_none()
+    if product is None:
+        raise ProductNotFound(f"product {product_id} does not exist")
+    return product
+
+
+def lock_products(session: Session, product_ids: list[int]) -> dict[int, Product]:
+    """Lock the products ``FOR UPDATE`` in ascending id order (deadlock-free, rule 2)."""
+    rows = session.execute(
+        select(Product)
+        .where(Product.id.in_(sorted(product_ids)))
+        .order_by(Product.id)
+        .with_for_update()
+    ).scalars()
+    return {p.id: p for p in rows}
+
+
+def take_stock(session: Session, product_id: int, quantity: int) -> bool:
+    """``stock -= quantity`` only while ``stock >= quantity``; False when it is not."""
+    taken = session.execute(
+        update(Product)
+        .where(Product.id == product_id, Product.stock >= quantity)
+        .values(stock=Product.stock - quantity, version=Product.version + 1, updated_at=func.now())
+        .returning(Product.id)
+    ).scalar_one_or_none()
+    return taken is not None
+
+
+def return_stock(session: Session, product_id: int, quantity: int) -> None:
+    """Put ``quantity`` back (an order moved to FAILED)."""
+    session.execute(
+        update(Product)
+        .where(Product.id == product_id)
+        .values(stock=Product.stock + quantity, version=Product.version + 1, updated_at=func.now())
+    )

