@@ -67,6 +67,8 @@ class Settings:
     sweep_interval_seconds: float = 2.0
     visibility_timeout_seconds: int = 300
     task_time_limit_seconds: int = 120
+    worker_index: int = 0
+    worker_count: int = 1
 
     # HTTP edge.
     rate_limit: str = "200/second"
@@ -96,6 +98,8 @@ class Settings:
             raise ConfigError("DATABASE_URL is required")
         if self.partitions < 1:
             raise ConfigError("PARTITIONS must be at least 1")
+        if not 0 <= self.worker_index < self.worker_count:
+            raise ConfigError("WORKER_INDEX must be in 0..WORKER_COUNT-1")
         if self.batch_size < 1:
             raise ConfigError("BATCH_SIZE must be at least 1")
         if self.rate_limit.lower() != "off" and not _RATE_LIMIT.match(self.rate_limit):

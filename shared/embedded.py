@@ -124,9 +124,7 @@ class EmbeddedPostgres:
                 capture_output=True,
                 **demote,  # type: ignore[arg-type]  # user/group keywords of subprocess.run
             )
-        stale_pid = self.data_dir / "postmaster.pid"
-        if stale_pid.exists():
-            stale_pid.unlink()  # a server killed with SIGKILL leaves it behind
+        self._remove_stale_pid_file()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [_pg_bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port),
@@ -144,6 +142,21 @@ class EmbeddedPostgres:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone()
             if not exists:
                 conn.execute(f'CREATE DATABASE "{PG_DATABASE}"')
+
+    def _remove_stale_pid_file(self) -> None:
+        """A server killed with SIGKILL leaves postmaster.pid behind; refuse if it is still alive."""
+        pid_file = self.data_dir / "postmaster.pid"
+        if not pid_file.exists():
+            return
+        with contextlib.suppress(ValueError, IndexError):
+            pid = int(pid_file.read_text().splitlines()[0])
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                pass
+            else:
+                raise RuntimeError(f"a PostgreSQL (pid {pid}) already runs on {self.data_dir}")
+        pid_file.unlink()
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -293,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=".run", type=Path)
     parser.add_argument("--persist", action="store_true", help="Redis keeps an append-only file")
     parser.add_argument("--banner", action="store_true", help="print the URL and admin token")
-    parser.add_argument("command", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    command = argv[split + 1 :]
     if not command:
         parser.error("a command to run is required after --")
     run_dir: Path = args.run_dir

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from shared.domain.errors import ErrorCode
 from shared.models import Job
-from shared.partitions import PartitionKind, partition
+from shared.partitions import HISTORY_QUEUE, PartitionKind, partition
 
 
 class JobKind(enum.StrEnum):
@@ -44,6 +44,11 @@ HISTORY_TASK = "history.drain"
 
 # Redis (coordination db) names shared by web and workers.
 FINISHED_CHANNEL = "jobs:finished"
+
+
+def task_for_queue(queue: str) -> str:
+    """The task that drains ``queue``."""
+    return HISTORY_TASK if queue == HISTORY_QUEUE else DRAIN_TASK
 
 
 def wake_key(queue: str) -> str:
@@ -142,7 +147,7 @@ def lock_pending_batch(session: Session, queue: str, limit: int) -> list[Job]:
     even if two workers ever receive its wake-ups (a rebalance, a sweeper re-send):
     the second waits, then finds those jobs finished.
     """
-    session.execute(select(func.pg_advisory_xact_lock(partition_lock_id(queue))))
+    lock_partition(session, queue)
     return list(
         session.execute(
             select(Job)
@@ -154,8 +159,18 @@ def lock_pending_batch(session: Session, queue: str, limit: int) -> list[Job]:
     )
 
 
-def partition_lock_id(queue: str) -> int:
-    return int.from_bytes(hashlib.blake2b(queue.encode(), digest_size=8).digest(), "big", signed=True)
+def lock_pending_job(session: Session, queue: str, job_id: uuid.UUID) -> Job | None:
+    """One job of ``queue``, locked, if it is still PENDING (for the one-by-one replay)."""
+    lock_partition(session, queue)
+    return session.execute(
+        select(Job).where(Job.id == job_id, Job.status == JobStatus.PENDING.value).with_for_update()
+    ).scalar_one_or_none()
+
+
+def lock_partition(session: Session, queue: str) -> None:
+    """Hold the partition's transaction-scoped advisory lock: one applier per partition."""
+    lock_id = int.from_bytes(hashlib.blake2b(queue.encode(), digest_size=8).digest(), "big", signed=True)
+    session.execute(select(func.pg_advisory_xact_lock(lock_id)))
 
 
 def mark_succeeded(job: Job, result: dict[str, Any]) -> None:

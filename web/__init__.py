@@ -1,0 +1,77 @@
+"""The HTTP ingress: validates, records jobs, answers reads.  ``create_app()`` builds it."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.cache import ProductCache, make_redis
+from shared.config import Settings
+from shared.db import make_engine, make_session_factory
+from web import coupons, health, jobs, orders, points, products, users
+from web.errors import register_error_handlers
+from web.publish import Publisher, install_publishing
+from web.session import install_sessions
+from web.waiters import JobWaiters
+
+BLUEPRINTS = (points.bp, products.bp, orders.bp, coupons.bp, users.bp, jobs.bp, health.bp)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    session_factory: sessionmaker[Session] | None = None,
+    publisher: Publisher | None = None,
+) -> Flask:
+    settings = settings or Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider option
+    app.url_map.strict_slashes = False
+    app.extensions["settings"] = settings
+
+    if session_factory is None:
+        session_factory = make_session_factory(make_engine(settings))
+        if settings.database_replica_url:
+            replica = make_engine(settings, url=settings.database_replica_url)
+            app.extensions["replica_session_factory"] = make_session_factory(replica)
+    app.extensions["session_factory"] = session_factory
+
+    cache_client = make_redis(settings.cache_url, timeout=0.25)
+    app.extensions["cache_redis"] = cache_client
+    app.extensions["product_cache"] = ProductCache(cache_client, settings.cache_ttl_seconds)
+    app.extensions["job_waiters"] = JobWaiters(make_redis(settings.coordination_url, timeout=None))
+    install_publishing(app, settings, publisher)
+    _install_rate_limit(app, settings)
+    install_sessions(app)
+    register_error_handlers(app)
+    health.install_metrics(app)
+    for bp in BLUEPRINTS:
+        app.register_blueprint(bp)
+    return app
+
+
+def _install_rate_limit(app: Flask, settings: Settings) -> None:
+    limiter = Limiter(
+        key_func=get_remote_address,
+        app=app,
+        storage_uri=settings.limiter_url,
+        storage_options={"socket_connect_timeout": 0.25, "socket_timeout": 0.25},
+        strategy="fixed-window",
+        default_limits=[],
+        headers_enabled=False,
+        # The limiter is a guard, not a dependency: with Redis down, requests pass.
+        swallow_errors=True,
+    )
+    app.extensions["job_rate_limit"] = limiter.limit(
+        settings.rate_limit if settings.rate_limit_enabled else "1000000/second",
+        scope="customer-jobs",
+        key_func=get_remote_address,
+    )
+
+

@@ -1,0 +1,106 @@
+"""Celery workers: partition consumers, the history listener and beat jobs.
+
+``make_celery()`` builds the app from ``Settings`` and registers every task by
+its wire name; importing this package builds nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from shared.config import Settings
+from shared.jobs import DRAIN_TASK, HISTORY_TASK, task_for_queue
+from workers.base import Runtime, RetryLater, drain_partition
+
+MAINTENANCE_QUEUE = "maintenance"
+SWEEP_TASK = "maintenance.sweep"
+RELAY_TASK = "maintenance.relay_outbox"
+PURGE_TASK = "maintenance.purge_idempotency_keys"
+
+# Wake-ups are cheap and idempotent; a transient failure (database away) is retried
+# with backoff, and past the bound the sweeper wakes the partition again.
+_RETRY_POLICY: dict[str, Any] = {
+    "autoretry_for": (OperationalError, InterfaceError, RetryLater),
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "max_retries": 30,
+}
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("shop", set_as_current=False)
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # the jobs table is the result
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_seconds,
+        task_soft_time_limit=settings.task_time_limit_seconds - 10,
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "sweep-pending-jobs": {
+                "task": SWEEP_TASK,
+                "schedule": settings.sweep_interval_seconds,
+                "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_interval_seconds * 2},
+            },
+            "relay-outbox": {
+                "task": RELAY_TASK,
+                "schedule": 1.0,
+                "options": {"queue": MAINTENANCE_QUEUE, "expires": 2.0},
+            },
+            "purge-idempotency-keys": {
+                "task": PURGE_TASK,
+                "schedule": 3600.0,
+                "options": {"queue": MAINTENANCE_QUEUE, "expires": 600.0},
+            },
+        },
+    )
+
+    def send(queue: str) -> None:
+        app.send_task(task_for_queue(queue), args=[queue], queue=queue)
+
+    runtime = Runtime(settings, send)
+    app.conf.shop_runtime = runtime
+    _register_tasks(app, runtime)
+    return app
+
+
+def _register_tasks(app: Celery, runtime: Runtime) -> None:
+    # Importing the handler modules registers apply_<kind> for each job kind.
+    from workers import beat, coupons, history, orders, points, products  # noqa: F401
+
+    @app.task(name=DRAIN_TASK, **_RETRY_POLICY)  # type: ignore[untyped-decorator]
+    def drain(queue: str) -> int:
+        return drain_partition(runtime, queue)
+
+    @app.task(name=HISTORY_TASK, **_RETRY_POLICY)  # type: ignore[untyped-decorator]
+    def drain_history(_queue: str) -> int:
+        return history.drain_outbox(runtime)
+
+    @app.task(name=SWEEP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def sweep() -> list[str]:
+        return beat.sweep_pending_jobs(runtime)
+
+    @app.task(name=RELAY_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def relay() -> bool:
+        return beat.relay_outbox(runtime)
+
+    @app.task(name=PURGE_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def purge() -> int:
+        return beat.purge_expired_idempotency_keys(runtime)
+
+
+def runtime_of(app: Celery) -> Runtime:
+    runtime: Runtime = app.conf.shop_runtime
+    return runtime

@@ -141,3 +141,14 @@ def return_stock(session: Session, product_id: int, quantity: int) -> None:
         .where(Product.id == product_id)
         .values(stock=Product.stock + quantity, version=Product.version + 1, updated_at=func.now())
     )
+
+
+def get_products(session: Session, product_ids: list[int]) -> list[Product]:
+    """The current rows of ``product_ids`` (to refresh the cache after a commit)."""
+    if not product_ids:
+        return []
+    return list(
+        session.execute(
+            select(Product).where(Product.id.in_(product_ids)).execution_options(populate_existing=True)
+        ).scalars()
+    )

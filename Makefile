@@ -1,0 +1,64 @@
+# The front door: `make run` and `make test` are all a new machine needs.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 8000
+T ?= tests
+PYTEST_ARGS ?=
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml .ci/constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade 'pip>=24'
+	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its dev tools
+
+run: $(STAMP) ## the whole system: embedded PostgreSQL/Redis (unless URLs set), migrations, Procfile
+	$(PY) -m shared.embedded up --persist --banner -- $(BIN)/honcho start -f Procfile -p $(PORT)
+
+test: $(STAMP) ## lint, schema check and the test suite (T=path to narrow, PYTEST_ARGS=...)
+	$(MAKE) --no-print-directory lint
+	$(PY) -m shared.embedded up --run-dir .run/test -- $(MAKE) --no-print-directory check pytest
+
+pytest: $(STAMP)
+	$(BIN)/pytest $(T) $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff, ruff format --check, mypy, import contracts, session/send rules
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	@! grep -nE '\.(commit|rollback|close|begin)\(' -r shared --include=*.py | grep -v 'shared/embedded.py' \
+		|| (echo "shared/ must not commit, roll back, close or begin sessions" && false)
+	@! grep -n 'send_task' -r web shared --include=*.py | grep -v 'web/publish.py' \
+		|| (echo "send_task belongs in web/publish.py (and the worker runtime) only" && false)
+
+fmt: $(STAMP) ## format and fix what ruff can
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+migrate: $(STAMP) ## alembic upgrade head on DATABASE_URL
+	$(BIN)/alembic upgrade head
+
+revision: $(STAMP) ## autogenerate a migration: make revision m="what changed"
+	$(BIN)/alembic revision --autogenerate -m "$(m)"
+
+check: $(STAMP) ## a scratch database migrated to head must match the models (alembic check)
+	$(PY) -m tests.schema_check
+
+bench: $(STAMP) ## load harness against a running `make run` (see bench/README.md)
+	$(PY) -m bench.run
+
+clean: ## remove .venv and .run
+	rm -rf $(VENV) .run
+
+.PHONY: help install run test pytest lint fmt migrate revision check bench clean

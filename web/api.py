@@ -1,0 +1,335 @@
+"""Declaring an endpoint once: its route, checks, schemas and OpenAPI entry.
+
+``@operation(...)`` registers the Flask route and its OpenAPI description from
+the same arguments, and runs the checks in the order API.md fixes: route and
+method (Flask), path ids in range (404), access (401, 403), size (413),
+content type (415), rate (429), validation (400); the view then answers 404 for
+an unknown id.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from flask import Blueprint, Response, current_app, request
+from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import NotFound, RequestEntityTooLarge
+
+from shared.config import Settings
+from shared.domain.errors import ErrorCode
+from web.errors import ApiError, pydantic_details, validation_error
+from web.schemas import MAX_ID
+
+V = TypeVar("V", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    rule: str  # Flask rule, e.g. /v1/points/<int:user_id>
+    summary: str
+    tag: str
+    responses: dict[int, type[BaseModel] | None]
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    admin: bool = False
+    rate_limited: bool = False
+    body_optional: bool = False
+    job: bool = False
+    headers: dict[int, dict[str, str]] = field(default_factory=dict)
+
+
+OPERATIONS: list[Operation] = []
+
+_DUPLICATE = object()
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def has_body() -> bool:
+    return bool(request.content_length) or request.headers.get("Transfer-Encoding", "").lower() == "chunked"
+
+
+def read_json_body() -> Any:
+    """The request body as JSON, refusing duplicate keys, NaN and Infinity."""
+    try:
+        raw = request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        raise
+    if not raw:
+        raise validation_error([{"field": "", "message": "a JSON body is required"}], "a JSON body is required")
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
+        raise validation_error([{"field": "", "message": f"malformed JSON: {exc}"}], "malformed JSON") from exc
+
+
+def parse_model(model: type[BaseModel], data: Any) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(pydantic_details(exc)) from exc
+
+
+def settings() -> Settings:
+    value: Settings = current_app.extensions["settings"]
+    return value
+
+
+def require_admin() -> None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise ApiError(401, ErrorCode.UNAUTHENTICATED, "an Authorization: Bearer token is required")
+    expected = f"Bearer {settings().admin_token}".encode()
+    if not settings().admin_token or not hmac.compare_digest(header.encode(), expected):
+        raise ApiError(403, ErrorCode.FORBIDDEN, "this token may not do that")
+
+
+def _check_size() -> None:
+    limit = settings().max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"the body may not exceed {limit} bytes")
+
+
+def _check_content_type() -> None:
+    if not has_body():
+        return
+    mimetype = request.mimetype or ""
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise ApiError(
+            415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "a request body must be sent as application/json"
+        )
+
+
+def _check_path_ids(path_args: dict[str, Any]) -> None:
+    for value in path_args.values():
+        if isinstance(value, int) and not 1 <= value <= MAX_ID:
+            raise NotFound()
+
+
+def operation(
+    bp: Blueprint,
+    rule: str,
+    method: str,
+    *,
+    summary: str,
+    responses: dict[int, type[BaseModel] | None],
+    body: type[BaseModel] | None = None,
+    query: type[BaseModel] | None = None,
+    admin: bool = False,
+    rate_limited: bool = False,
+    body_optional: bool = False,
+    job: bool = False,
+) -> Callable[[V], V]:
+    """Register ``view`` on ``bp`` at ``rule``; it receives path args plus ``body``/``query`` models."""
+    op = Operation(
+        method=method,
+        rule=(bp.url_prefix or "") + rule,
+        summary=summary,
+        tag=bp.name,
+        responses=responses,
+        body=body,
+        query=query,
+        admin=admin,
+        rate_limited=rate_limited,
+        body_optional=body_optional,
+        job=job,
+    )
+    OPERATIONS.append(op)
+
+    def decorator(view: V) -> V:
+        @functools.wraps(view)
+        def wrapper(**path_args: Any) -> Response:
+            _check_path_ids(path_args)
+            if admin:
+                require_admin()
+            _check_size()
+            _check_content_type()
+            if rate_limited and settings().rate_limit_enabled:
+                with current_app.extensions["job_rate_limit"]:
+                    pass
+            kwargs: dict[str, Any] = dict(path_args)
+            if query is not None:
+                kwargs["query"] = parse_model(query, request.args.to_dict())
+            if body is not None:
+                if body_optional and not has_body():
+                    kwargs["body"] = None
+                else:
+                    kwargs["body"] = parse_model(body, read_json_body())
+            elif has_body() and method in ("GET", "DELETE"):
+                pass
+            result: Response = view(**kwargs)
+            return result
+
+        bp.add_url_rule(rule, endpoint=view.__name__, view_func=wrapper, methods=[method])
+        return wrapper  # type: ignore[return-value]  # same call signature for Flask
+
+    return decorator
+
+
+# ---- OpenAPI --------------------------------------------------------------
+
+_PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")
+
+_ERROR_TEXT = {
+    400: "Validation error (VALIDATION_ERROR); details name each bad field",
+    401: "No Authorization header (UNAUTHENTICATED)",
+    403: "Authorization present but not the admin token (FORBIDDEN)",
+    404: "Unknown id or route (NOT_FOUND)",
+    405: "Method not allowed (METHOD_NOT_ALLOWED)",
+    409: "Stale version or forbidden transition (ORDER_STATE_CONFLICT)",
+    413: "Body over 64 KiB (PAYLOAD_TOO_LARGE)",
+    415: "Body without a JSON content type (UNSUPPORTED_MEDIA_TYPE)",
+    422: "Idempotency-Key reused with other input (IDEMPOTENCY_KEY_REUSED)",
+    429: "Per-client rate limit exceeded (RATE_LIMITED)",
+    500: "Unexpected error (INTERNAL)",
+    503: "Database or broker unavailable (UNAVAILABLE); nothing was accepted",
+}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def openapi_path(rule: str) -> str:
+    return _PARAM.sub(lambda m: "{" + _camel(m.group(2)) + "}", rule)
+
+
+def _path_parameters(rule: str) -> list[dict[str, Any]]:
+    params = []
+    for converter, name in _PARAM.findall(rule):
+        schema: dict[str, Any] = (
+            {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+            if converter == "int"
+            else {"type": "string", "format": "uuid"}
+        )
+        params.append({"name": _camel(name), "in": "path", "required": True, "schema": schema})
+    return params
+
+
+def _query_parameters(model: type[BaseModel], defs: dict[str, Any]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
+    defs.update(schema.get("$defs", {}))
+    required = set(schema.get("required", []))
+    params = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = dict(prop)
+        prop.pop("title", None)
+        params.append({"name": name, "in": "query", "required": name in required, "schema": prop})
+    return params
+
+
+def build_openapi(title: str, version: str) -> dict[str, Any]:
+    from pydantic.json_schema import models_json_schema
+
+    models: set[type[BaseModel]] = set()
+    for op in OPERATIONS:
+        models.update(m for m in op.responses.values() if m is not None)
+        if op.body is not None:
+            models.add(op.body)
+    from web.schemas import ErrorBody
+
+    models.add(ErrorBody)
+    ordered = sorted(models, key=lambda m: m.__name__)
+    keys, top = models_json_schema(
+        [(m, "validation" if issubclass(m, _body_base()) else "serialization") for m in ordered],
+        ref_template="#/components/schemas/{model}",
+        by_alias=True,
+    )
+    schemas: dict[str, Any] = dict(top.get("$defs", {}))
+
+    def ref(model: type[BaseModel]) -> dict[str, Any]:
+        mode = "validation" if issubclass(model, _body_base()) else "serialization"
+        return dict(keys[(model, mode)])  # type: ignore[index]  # keyed by (model, mode)
+
+    error_ref = ref(ErrorBody)
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        entry: dict[str, Any] = {
+            "summary": op.summary,
+            "operationId": f"{op.method.lower()}_{openapi_path(op.rule).strip('/').replace('/', '_')}"
+            .replace("{", "")
+            .replace("}", ""),
+            "tags": [op.tag],
+        }
+        params = _path_parameters(op.rule)
+        if op.query is not None:
+            params += _query_parameters(op.query, schemas)
+        if op.job:
+            params.append(
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[\\x20-\\x7e]+$"},
+                }
+            )
+        if params:
+            entry["parameters"] = params
+        if op.body is not None:
+            entry["requestBody"] = {
+                "required": not op.body_optional,
+                "content": {"application/json": {"schema": ref(op.body)}},
+            }
+        if op.admin:
+            entry["security"] = [{"bearerAuth": []}]
+        responses: dict[str, Any] = {}
+        for status, model in op.responses.items():
+            resp: dict[str, Any] = {"description": "OK" if status < 300 else _ERROR_TEXT.get(status, "")}
+            if model is not None:
+                resp["content"] = {"application/json": {"schema": ref(model)}}
+            if op.job and status == 202:
+                resp["headers"] = {"Location": {"schema": {"type": "string"}}}
+            responses[str(status)] = resp
+        errors = {404, 405, 500}
+        if op.body is not None or op.query is not None or op.job:
+            errors |= {400}
+        if op.body is not None:
+            errors |= {413, 415}
+        if op.admin:
+            errors |= {401, 403}
+        if op.rate_limited:
+            errors |= {429}
+        if op.job:
+            errors |= {422, 503}
+        if op.method in ("PUT", "POST"):
+            errors |= {503}
+        for status in sorted(errors):
+            responses.setdefault(
+                str(status),
+                {"description": _ERROR_TEXT[status], "content": {"application/json": {"schema": error_ref}}},
+            )
+        paths.setdefault(openapi_path(op.rule), {})[op.method.lower()] = entry
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _body_base() -> type[BaseModel]:
+    from web.schemas import Body
+
+    return Body

@@ -1,0 +1,94 @@
+"""Liveness, readiness, metrics and the API document (outside /v1)."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from sqlalchemy import text
+
+from web.api import build_openapi, operation
+from web.render import render
+from web.schemas import Health, Readiness, ReadinessChecks
+from web.session import db_session
+
+bp = Blueprint("health", __name__)
+
+REQUESTS = Counter("http_requests_total", "HTTP requests", ["method", "endpoint", "status"])
+LATENCY = Histogram("http_request_seconds", "HTTP request latency", ["method", "endpoint"])
+
+_DOCS_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Shop API</title>
+<link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="ui"></div>
+<script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+</body></html>
+"""
+
+
+@operation(bp, "/healthz", "GET", summary="Liveness", responses={200: Health})
+def get_healthz() -> Response:
+    return render(Health(status="ok"))
+
+
+def _check(probe: object) -> str:
+    try:
+        probe()  # type: ignore[operator]  # a zero-argument callable
+    except Exception:  # noqa: BLE001 (any failure means the dependency is down)
+        return "down"
+    return "ok"
+
+
+@operation(bp, "/readyz", "GET", summary="Readiness of database, cache and broker",
+           responses={200: Readiness, 503: Readiness})
+def get_readyz() -> Response:
+    extensions = current_app.extensions
+
+    def database() -> None:
+        session = db_session()
+        session.execute(text("SELECT 1"))
+        session.rollback()
+
+    checks = ReadinessChecks(
+        database=_check(database),  # type: ignore[arg-type]
+        cache=_check(extensions["cache_redis"].ping),  # type: ignore[arg-type]
+        broker=_check(extensions["publisher"].ping),  # type: ignore[arg-type]
+    )
+    ready = all(v == "ok" for v in checks.model_dump().values())
+    return render(Readiness(status="ok" if ready else "unavailable", checks=checks), 200 if ready else 503)
+
+
+@operation(bp, "/metrics", "GET", summary="Prometheus metrics (text format)", responses={200: None})
+def get_metrics() -> Response:
+    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+
+
+@operation(bp, "/openapi.json", "GET", summary="This OpenAPI document", responses={200: None})
+def get_openapi() -> Response:
+    document = current_app.extensions.get("openapi")
+    if document is None:
+        document = build_openapi("Shop API", "1.0.0")
+        current_app.extensions["openapi"] = document
+    return jsonify(document)
+
+
+@operation(bp, "/docs", "GET", summary="The API document rendered", responses={200: None})
+def get_docs() -> Response:
+    return Response(_DOCS_PAGE, mimetype="text/html")
+
+
+def install_metrics(app: Flask) -> None:
+    @app.before_request
+    def start_timer() -> None:
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def observe(response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        started = g.get("request_started")
+        if started is not None:
+            LATENCY.labels(request.method, endpoint).observe(time.perf_counter() - started)
+        REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+        return response

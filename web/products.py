@@ -1,0 +1,101 @@
+"""Products: created and read here; stock changes are jobs on the product's partition."""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from shared.cache import ProductCache
+from shared.domain.products import (
+    ProductQuery,
+    ProductSort,
+    create_product,
+    get_product,
+    list_products,
+    product_document,
+)
+from shared.jobs import JobKind
+from web.api import operation
+from web.errors import validation_error
+from web.publish import accept_job
+from web.schemas import JobAccepted, Page, ProductCreate, ProductListQuery, ProductView, StockBody, StockQuery
+from web.session import db_session, read_session
+
+bp = Blueprint("products", __name__, url_prefix="/v1/products")
+
+
+def _cache() -> ProductCache:
+    cache: ProductCache = current_app.extensions["product_cache"]
+    return cache
+
+
+@operation(bp, "", "POST", summary="Create a product (admin)", body=ProductCreate,
+           responses={201: ProductView}, admin=True)
+def post_product(body: ProductCreate) -> Response:
+    session = db_session()
+    product = create_product(session, name=body.name, price=body.price, stock=body.stock)
+    session.commit()
+    document = product_document(product)
+    _cache().put_product(document, product.version)
+    _cache().invalidate_listings()
+    response = jsonify(document)
+    response.status_code = 201
+    response.headers["Location"] = f"/v1/products/{product.id}"
+    return response
+
+
+@operation(bp, "/<int:product_id>", "GET", summary="A product (through the read cache)",
+           responses={200: ProductView})
+def get_product_by_id(product_id: int) -> Response:
+    cached = _cache().get_product(product_id)
+    if cached is not None:
+        return jsonify(cached)
+    product = get_product(read_session(), product_id)
+    document = product_document(product)
+    _cache().put_product(document, product.version)
+    return jsonify(document)
+
+
+@operation(bp, "", "GET", summary="List products: filter, sort and page", query=ProductListQuery,
+           responses={200: Page[ProductView]})
+def get_products(query: ProductListQuery) -> Response:
+    cache = _cache()
+    generation = cache.listing_generation()
+    key = json.dumps(query.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    if generation is not None:
+        cached = cache.get_listing(generation, key)
+        if cached is not None:
+            return jsonify(cached)
+    rows, total = list_products(
+        read_session(),
+        ProductQuery(
+            name=query.name or None,
+            min_price=query.min_price,
+            max_price=query.max_price,
+            in_stock=query.in_stock,
+            sort=ProductSort(query.sort),
+            descending=query.order == "desc",
+            page=query.page,
+            size=query.size,
+        ),
+    )
+    body = {"items": [product_document(p) for p in rows], "page": query.page, "size": query.size, "total": total}
+    if generation is not None:
+        cache.put_listing(generation, key, body)
+    return jsonify(body)
+
+
+@operation(
+    bp, "/<int:product_id>/stock", "PUT",
+    summary="Set a product's stock (admin; job STOCK_SET on the product's partition)",
+    query=StockQuery, body=StockBody, body_optional=True, responses={202: JobAccepted},
+    admin=True, job=True,
+)
+def put_stock(product_id: int, query: StockQuery, body: StockBody | None) -> Response:
+    values = {v for v in (query.stock, body.stock if body else None) if v is not None}
+    if not values:
+        raise validation_error([{"field": "stock", "message": "stock is required (query or body)"}])
+    if len(values) > 1:
+        raise validation_error([{"field": "stock", "message": "query and body give different stock"}])
+    return accept_job(JobKind.STOCK_SET, {"productId": product_id, "stock": values.pop()})

@@ -1,0 +1,74 @@
+"""Response bodies built from the response schemas (camelCase only through aliases)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, jsonify
+from pydantic import BaseModel
+
+from shared.domain.coupons import Coupon
+from shared.formats import rfc3339
+from shared.models import Job, Order, OrderLine, UserCoupon
+from web import schemas
+
+
+def render(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(model.model_dump(mode="json", by_alias=True))
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def job_view(job: Job) -> schemas.JobView:
+    return schemas.JobView(
+        job_id=str(job.id),
+        kind=job.kind,  # type: ignore[arg-type]  # a JobKind value from the database
+        status=job.status,  # type: ignore[arg-type]  # a JobStatus value from the database
+        result=job.result,
+        error=schemas.ErrorInfo(**job.error) if job.error else None,
+        created_at=rfc3339(job.created_at),
+        finished_at=rfc3339(job.finished_at) if job.finished_at else None,
+    )
+
+
+def order_view(order: Order, lines: list[OrderLine]) -> schemas.OrderView:
+    return schemas.OrderView(
+        id=order.id,
+        user_id=order.user_id,
+        status=order.status,  # type: ignore[arg-type]  # an OrderStatus value from the database
+        version=order.version,
+        total_price=order.total_price,
+        order_lines=[
+            schemas.OrderLineView(product_id=line.product_id, quantity=line.quantity, unit_price=line.unit_price)
+            for line in lines
+        ],
+        created_at=rfc3339(order.created_at),
+        updated_at=rfc3339(order.updated_at),
+    )
+
+
+def coupon_view(coupon: Coupon) -> schemas.CouponView:
+    return schemas.CouponView(
+        id=coupon.id,
+        name=coupon.name,
+        discount_amount=coupon.discount_amount,
+        total_quantity=coupon.total_quantity,
+        issued_quantity=coupon.issued_quantity,
+        remaining=coupon.total_quantity - coupon.issued_quantity,
+    )
+
+
+def user_coupon_item(user_coupon: UserCoupon, coupon: Coupon) -> schemas.UserCouponItem:
+    return schemas.UserCouponItem(
+        user_coupon_id=user_coupon.id,
+        coupon_id=coupon.id,
+        name=coupon.name,
+        discount_amount=coupon.discount_amount,
+        issued_at=rfc3339(user_coupon.issued_at),
+    )
+
+
+def page(items: list[Any], page_number: int, size: int, total: int) -> dict[str, Any]:
+    return {"items": items, "page": page_number, "size": size, "total": total}

@@ -1,0 +1,35 @@
+"""One database session per request, opened on first use and closed at teardown."""
+
+from __future__ import annotations
+
+from flask import Flask, current_app, g
+from sqlalchemy.orm import Session
+
+
+def db_session() -> Session:
+    session: Session | None = g.get("db_session")
+    if session is None:
+        session = current_app.extensions["session_factory"]()
+        g.db_session = session
+    return session
+
+
+def read_session() -> Session:
+    """A session for reads that may lag (the replica when one is configured)."""
+    factory = current_app.extensions.get("replica_session_factory")
+    if factory is None:
+        return db_session()
+    session: Session | None = g.get("read_session")
+    if session is None:
+        session = factory()
+        g.read_session = session
+    return session
+
+
+def install_sessions(app: Flask) -> None:
+    @app.teardown_appcontext
+    def close_sessions(_exc: BaseException | None) -> None:
+        for name in ("db_session", "read_session"):
+            session: Session | None = g.pop(name, None)
+            if session is not None:
+                session.close()

@@ -1,0 +1,235 @@
+"""Draining a partition: the one path by which jobs are applied.
+
+A ``jobs.drain`` message only says "look at partition Q".  The consumer clears
+Q's wake flag, then repeatedly locks the oldest PENDING jobs of Q (in commit
+order) and applies them in one transaction, each in its own savepoint:
+
+* a ``DomainError`` rolls back that job's savepoint and finishes it FAILED;
+* any other error rolls the batch back, and the batch is replayed one job at a
+  time, so a bad job fails alone; a job that keeps failing is finished FAILED
+  ``INTERNAL`` after ``JOB_MAX_ATTEMPTS`` attempts;
+* transient database errors (lost connection, deadlock, serialization failure)
+  propagate, so the task retries with backoff and nothing counts as an attempt.
+
+Single jobs and batches share this path (a batch of one is just a short batch).
+Effects outside PostgreSQL (notifications, cache, history wake-up) happen only
+after commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.cache import ProductCache, make_redis
+from shared.config import Settings
+from shared.db import make_engine, make_session_factory
+from shared.domain.errors import DomainError, ErrorCode
+from shared.domain.products import get_products, product_document
+from shared.jobs import (
+    FINISHED_CHANNEL,
+    JobKind,
+    count_attempt,
+    lock_pending_batch,
+    mark_failed,
+    mark_succeeded,
+    lock_pending_job,
+    wake_key,
+)
+from shared.models import Job
+from shared.partitions import HISTORY_QUEUE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Effects:
+    """What a batch changed outside its own rows, acted on after commit."""
+
+    finished: list[str] = field(default_factory=list)
+    products: set[int] = field(default_factory=set)
+    history: bool = False
+    # Keyed, so that an action wanted by many jobs of a batch runs once.
+    later: dict[str, Callable[[Runtime], None]] = field(default_factory=dict)
+
+
+Handler = Callable[["Runtime", Session, Job, Effects], dict[str, Any]]
+
+HANDLERS: dict[JobKind, Handler] = {}
+
+
+def handles(kind: JobKind) -> Callable[[Handler], Handler]:
+    """Register ``apply_<kind>`` as the handler of a job kind (returns it unchanged)."""
+
+    def register(handler: Handler) -> Handler:
+        HANDLERS[kind] = handler
+        return handler
+
+    return register
+
+
+class RetryLater(Exception):
+    """A job failed unexpectedly but has attempts left: retry the partition later."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors that say nothing about the job: the database is away or a lock race was lost."""
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+class Runtime:
+    """Per-process resources of a worker, built on first use (after any fork)."""
+
+    def __init__(self, settings: Settings, send: Callable[[str], None]) -> None:
+        self.settings = settings
+        self._send = send
+        self._session_factory: sessionmaker[Session] | None = None
+        self._coordination: redis.Redis | None = None
+        self._cache: ProductCache | None = None
+
+    @property
+    def session_factory(self) -> sessionmaker[Session]:
+        if self._session_factory is None:
+            self._session_factory = make_session_factory(make_engine(self.settings, pool_size=2))
+        return self._session_factory
+
+    def use_session_factory(self, factory: sessionmaker[Session]) -> None:
+        self._session_factory = factory
+
+    @property
+    def coordination(self) -> redis.Redis:
+        if self._coordination is None:
+            self._coordination = make_redis(self.settings.coordination_url, timeout=2.0)
+        return self._coordination
+
+    @property
+    def cache(self) -> ProductCache:
+        if self._cache is None:
+            self._cache = ProductCache(make_redis(self.settings.cache_url, timeout=0.5), self.settings.cache_ttl_seconds)
+        return self._cache
+
+    def wake(self, queue: str) -> None:
+        """Send a wake-up for ``queue`` unless one is already in flight (never inside a transaction)."""
+        if self.coordination.set(wake_key(queue), 1, nx=True, ex=10):
+            try:
+                self._send(queue)
+            except Exception:
+                self.coordination.delete(wake_key(queue))
+                raise
+
+    def force_wake(self, queue: str) -> None:
+        """Send a wake-up regardless of the flag (the sweeper: the flag may outlive a lost message)."""
+        self._send(queue)
+
+
+def _apply_each(rt: Runtime, session: Session, jobs: list[Job], effects: Effects) -> None:
+    for job in jobs:
+        handler = HANDLERS[JobKind(job.kind)]
+        try:
+            with session.begin_nested():
+                result = handler(rt, session, job, effects)
+        except DomainError as exc:
+            mark_failed(job, exc.code, exc.message)
+        else:
+            mark_succeeded(job, result)
+        effects.finished.append(str(job.id))
+
+
+def drain_partition(rt: Runtime, queue: str) -> int:
+    """Apply every PENDING job of ``queue`` in commit order; returns how many finished."""
+    try:
+        # Cleared before reading: a job committed after this read sets it again and sends a wake-up.
+        rt.coordination.delete(wake_key(queue))
+    except redis.RedisError as exc:
+        log.warning("could not clear the wake flag of %s: %s", queue, exc)
+    done = 0
+    while True:
+        applied = apply_next_batch(rt, queue)
+        done += applied
+        if applied < rt.settings.batch_size:
+            return done
+
+
+def apply_next_batch(rt: Runtime, queue: str) -> int:
+    effects = Effects()
+    job_ids: list[uuid.UUID] = []
+    try:
+        with rt.session_factory() as session, session.begin():
+            jobs = lock_pending_batch(session, queue, rt.settings.batch_size)
+            job_ids = [job.id for job in jobs]
+            _apply_each(rt, session, jobs, effects)
+    except Exception as exc:
+        if is_transient(exc) or not job_ids:
+            raise
+        log.exception("batch of %d on %s failed; replaying one by one", len(job_ids), queue)
+        effects = Effects()
+        for job_id in job_ids:
+            _apply_alone(rt, queue, job_id, effects)
+    after_commit(rt, effects)
+    return len(job_ids)
+
+
+def _apply_alone(rt: Runtime, queue: str, job_id: uuid.UUID, effects: Effects) -> None:
+    """One job in its own transaction; an unexpected error counts as an attempt."""
+    alone = Effects()
+    try:
+        with rt.session_factory() as session, session.begin():
+            job = lock_pending_job(session, queue, job_id)
+            if job is None:
+                return
+            _apply_each(rt, session, [job], alone)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        with rt.session_factory() as session, session.begin():
+            attempts = count_attempt(session, job_id)
+            if attempts < rt.settings.job_max_attempts:
+                log.exception("job %s failed (attempt %d); will retry", job_id, attempts)
+                after_commit(rt, effects)
+                raise RetryLater(str(job_id)) from exc
+            log.exception("job %s failed %d times; finishing it INTERNAL", job_id, attempts)
+            job = session.get_one(Job, job_id)
+            mark_failed(job, ErrorCode.INTERNAL, "the job could not be applied")
+        effects.finished.append(str(job_id))
+        return
+    effects.finished.extend(alone.finished)
+    effects.products |= alone.products
+    effects.history |= alone.history
+    effects.later.update(alone.later)
+
+
+def after_commit(rt: Runtime, effects: Effects) -> None:
+    """Tell waiters, refresh the product cache, wake the history listener.  Never raises."""
+    if effects.products:
+        try:
+            with rt.session_factory() as session:
+                for product in get_products(session, sorted(effects.products)):
+                    rt.cache.put_product(product_document(product), product.version)
+            rt.cache.invalidate_listings()
+        except Exception:  # noqa: BLE001 (the cache is an optimisation; TTL bounds staleness)
+            log.exception("product cache refresh failed")
+    for action in effects.later.values():
+        try:
+            action(rt)
+        except Exception:  # noqa: BLE001 (post-commit extras are optimisations)
+            log.exception("post-commit action failed")
+    if effects.history:
+        try:
+            rt.wake(HISTORY_QUEUE)
+        except Exception as exc:  # noqa: BLE001 (the outbox relay re-sends)
+            log.warning("history wake-up not sent (relay will): %s", exc)
+    if effects.finished:
+        try:
+            rt.coordination.publish(FINISHED_CHANNEL, json.dumps(effects.finished))
+        except redis.RedisError as exc:
+            log.warning("finish notification not sent (pollers re-check): %s", exc)
