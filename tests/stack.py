@@ -1,0 +1,112 @@
+"""Running the real processes for e2e and fault tests: gunicorn, partition worker,
+history listener and beat, each a child process with its own log file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from shared.embedded import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+COMMANDS: dict[str, list[str]] = {
+    "web": [
+        str(BIN / "gunicorn"), "web.wsgi:app", "--worker-class", "gthread", "--workers", "2",
+        "--threads", "32", "--backlog", "2048", "--graceful-timeout", "5",
+    ],
+    "worker": [sys.executable, "-m", "workers.boot"],
+    "history": [
+        str(BIN / "celery"), "-A", "workers.app", "worker", "--pool=solo",
+        "--queues=history,maintenance", "--hostname=history-%(tag)s@%%h", "--loglevel=WARNING",
+    ],
+    "beat": [str(BIN / "celery"), "-A", "workers.app", "beat", "--loglevel=WARNING"],
+}
+
+
+@dataclass
+class Stack:
+    """The system's processes against the given database and Redis."""
+
+    database_url: str
+    redis_url: str
+    log_dir: Path
+    admin_token: str = "test-admin-token"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            DATABASE_URL=self.database_url,
+            REDIS_URL=self.redis_url,
+            ADMIN_TOKEN=self.admin_token,
+            APP_ENV="test",
+            RATE_LIMIT="off",
+            SWEEP_AFTER_SECONDS="3",
+            SWEEP_INTERVAL_SECONDS="1",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, name: str) -> None:
+        command = [part % {"tag": self.port} for part in COMMANDS[name]]
+        if name == "web":
+            command += ["--bind", f"127.0.0.1:{self.port}"]
+        if name == "beat":
+            command += [f"--schedule={self.log_dir / f'beat-{self.port}.db'}"]
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.log_dir / f"{name}-{self.port}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            command, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        if name == "web":
+            self.wait_healthy()
+
+    def start_all(self) -> Stack:
+        for name in ("web", "worker", "history", "beat"):
+            self.start(name)
+        return self
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.procs.get("web")
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {proc.returncode}; see {self.log_dir}")
+            try:
+                if requests.get(self.base_url + "/healthz", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("web did not become healthy")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
