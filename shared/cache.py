@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -59,7 +59,7 @@ class ProductCache:
         if not self._available():
             return None
         try:
-            raw = self._client.get(product_key(product_id))
+            raw = cast("bytes | None", self._client.get(product_key(product_id)))
         except redis.RedisError as exc:
             self._failed(exc)
             return None
@@ -81,7 +81,7 @@ class ProductCache:
         if not self._available():
             return None
         try:
-            raw = self._client.get(LISTING_GENERATION_KEY)
+            raw = cast("bytes | None", self._client.get(LISTING_GENERATION_KEY))
         except redis.RedisError as exc:
             self._failed(exc)
             return None
@@ -89,7 +89,7 @@ class ProductCache:
 
     def get_listing(self, generation: int, query_key: str) -> dict[str, Any] | None:
         try:
-            raw = self._client.get(f"products:list:{generation}:{query_key}")
+            raw = cast("bytes | None", self._client.get(f"products:list:{generation}:{query_key}"))
         except redis.RedisError as exc:
             self._failed(exc)
             return None
@@ -116,7 +116,7 @@ class ProductCache:
             self._failed(exc)
 
 
-def make_redis(url: str, *, timeout: float = 1.0) -> redis.Redis:
+def make_redis(url: str, *, timeout: float | None = 1.0) -> redis.Redis:
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=timeout,

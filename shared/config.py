@@ -103,7 +103,9 @@ class Settings:
         if self.batch_size < 1:
             raise ConfigError("BATCH_SIZE must be at least 1")
         if self.rate_limit.lower() != "off" and not _RATE_LIMIT.match(self.rate_limit):
-            raise ConfigError(f"RATE_LIMIT must look like '200/second' or 'off', not {self.rate_limit!r}")
+            raise ConfigError(
+                f"RATE_LIMIT must look like '200/second' or 'off', not {self.rate_limit!r}"
+            )
         if self.app_env is AppEnv.PRODUCTION and not self.admin_token:
             raise ConfigError("ADMIN_TOKEN is required when APP_ENV=production")
 

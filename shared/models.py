@@ -195,7 +195,11 @@ class Job(Base):
             "seq",
             postgresql_where=text("status = 'PENDING'"),
         ),
-        Index("ix_jobs_idempotency_created_at", "created_at", postgresql_where=text("idempotency_key IS NOT NULL")),
+        Index(
+            "ix_jobs_idempotency_created_at",
+            "created_at",
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)

@@ -87,7 +87,9 @@ def session_factory(engine: Engine) -> Iterator[sessionmaker[Session]]:
     """Sessions joined to one outer transaction that is rolled back after the test."""
     connection = engine.connect()
     outer = connection.begin()
-    factory = sessionmaker(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    factory = sessionmaker(
+        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    )
     yield factory
     outer.rollback()
     connection.close()
@@ -123,7 +125,9 @@ def publisher() -> RecordingPublisher:
 
 
 @pytest.fixture
-def app(settings: Settings, session_factory: sessionmaker[Session], publisher: RecordingPublisher) -> Flask:
+def app(
+    settings: Settings, session_factory: sessionmaker[Session], publisher: RecordingPublisher
+) -> Flask:
     return create_test_app(settings, session_factory, publisher)
 
 
@@ -158,7 +162,9 @@ def runtime(settings: Settings, session_factory: sessionmaker[Session]) -> Any:
 
 
 @pytest.fixture(scope="session")
-def stack(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     """The real processes, shared by the e2e tests of this run."""
     log_dir = Path(tmp_path_factory.mktemp("stack-logs"))
     running = Stack(database_url, redis_url_for(redis_url, 0), log_dir, admin_token=ADMIN_TOKEN)
@@ -178,13 +184,17 @@ def http(stack: Stack) -> Iterator[requests.Session]:
     session.close()
 
 
-def wait_job(http: requests.Session, base_url: str, job_id: str, timeout: float = 60) -> dict[str, Any]:
+def wait_job(
+    http: requests.Session, base_url: str, job_id: str, timeout: float = 60
+) -> dict[str, Any]:
     """Long-poll a job until it finishes (fails the test past ``timeout``)."""
     import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body: dict[str, Any] = http.get(f"{base_url}/v1/jobs/{job_id}", params={"wait": 10}, timeout=15).json()
+        body: dict[str, Any] = http.get(
+            f"{base_url}/v1/jobs/{job_id}", params={"wait": 10}, timeout=15
+        ).json()
         if body["status"] != "PENDING":
             return body
     pytest.fail(f"job {job_id} still PENDING after {timeout}s")

@@ -20,13 +20,29 @@ BIN = Path(sys.executable).parent
 
 COMMANDS: dict[str, list[str]] = {
     "web": [
-        str(BIN / "gunicorn"), "web.wsgi:app", "--worker-class", "gthread", "--workers", "2",
-        "--threads", "32", "--backlog", "2048", "--graceful-timeout", "5",
+        str(BIN / "gunicorn"),
+        "web.wsgi:app",
+        "--worker-class",
+        "gthread",
+        "--workers",
+        "2",
+        "--threads",
+        "32",
+        "--backlog",
+        "2048",
+        "--graceful-timeout",
+        "5",
     ],
     "worker": [sys.executable, "-m", "workers.boot"],
     "history": [
-        str(BIN / "celery"), "-A", "workers.app", "worker", "--pool=solo",
-        "--queues=history,maintenance", "--hostname=history-%(tag)s@%%h", "--loglevel=WARNING",
+        str(BIN / "celery"),
+        "-A",
+        "workers.app",
+        "worker",
+        "--pool=solo",
+        "--queues=history,maintenance",
+        "--hostname=history-%(tag)s@%%h",
+        "--loglevel=WARNING",
     ],
     "beat": [str(BIN / "celery"), "-A", "workers.app", "beat", "--loglevel=WARNING"],
 }
@@ -72,7 +88,12 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"{name}-{self.port}.log").open("ab")
         self.procs[name] = subprocess.Popen(
-            command, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=ROOT,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         if name == "web":
             self.wait_healthy()

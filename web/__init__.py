@@ -28,7 +28,9 @@ def create_app(
     publisher: Publisher | None = None,
 ) -> Flask:
     settings = settings or Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider option
@@ -61,7 +63,7 @@ def _install_rate_limit(app: Flask, settings: Settings) -> None:
         key_func=get_remote_address,
         app=app,
         storage_uri=settings.limiter_url,
-        storage_options={"socket_connect_timeout": 0.25, "socket_timeout": 0.25},
+        storage_options={"socket_connect_timeout": 1, "socket_timeout": 1},
         strategy="fixed-window",
         default_limits=[],
         headers_enabled=False,
@@ -73,5 +75,3 @@ def _install_rate_limit(app: Flask, settings: Settings) -> None:
         scope="customer-jobs",
         key_func=get_remote_address,
     )
-
-

@@ -15,11 +15,11 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from flask import Blueprint, Response, current_app, request
 from pydantic import BaseModel, ValidationError
-from werkzeug.exceptions import NotFound, RequestEntityTooLarge
+from werkzeug.exceptions import NotFound
 
 from shared.config import Settings
 from shared.domain.errors import ErrorCode
@@ -47,8 +47,6 @@ class Operation:
 
 OPERATIONS: list[Operation] = []
 
-_DUPLICATE = object()
-
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
@@ -64,21 +62,25 @@ def _no_constants(name: str) -> Any:
 
 
 def has_body() -> bool:
-    return bool(request.content_length) or request.headers.get("Transfer-Encoding", "").lower() == "chunked"
+    return (
+        bool(request.content_length)
+        or request.headers.get("Transfer-Encoding", "").lower() == "chunked"
+    )
 
 
 def read_json_body() -> Any:
     """The request body as JSON, refusing duplicate keys, NaN and Infinity."""
-    try:
-        raw = request.get_data(cache=True)
-    except RequestEntityTooLarge:
-        raise
+    raw = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: 413 (RequestEntityTooLarge)
     if not raw:
-        raise validation_error([{"field": "", "message": "a JSON body is required"}], "a JSON body is required")
+        raise validation_error(
+            [{"field": "", "message": "a JSON body is required"}], "a JSON body is required"
+        )
     try:
         return json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:
-        raise validation_error([{"field": "", "message": f"malformed JSON: {exc}"}], "malformed JSON") from exc
+        raise validation_error(
+            [{"field": "", "message": f"malformed JSON: {exc}"}], "malformed JSON"
+        ) from exc
 
 
 def parse_model(model: type[BaseModel], data: Any) -> BaseModel:
@@ -138,7 +140,7 @@ def operation(
     body_optional: bool = False,
     job: bool = False,
 ) -> Callable[[V], V]:
-    """Register ``view`` on ``bp`` at ``rule``; it receives path args plus ``body``/``query`` models."""
+    """Register ``view`` at ``rule`` on ``bp``; it gets the path args and ``body``/``query``."""
     op = Operation(
         method=method,
         rule=(bp.url_prefix or "") + rule,
@@ -173,8 +175,6 @@ def operation(
                     kwargs["body"] = None
                 else:
                     kwargs["body"] = parse_model(body, read_json_body())
-            elif has_body() and method in ("GET", "DELETE"):
-                pass
             result: Response = view(**kwargs)
             return result
 
@@ -203,6 +203,13 @@ _ERROR_TEXT = {
     503: "Database or broker unavailable (UNAVAILABLE); nothing was accepted",
 }
 
+IDEMPOTENCY_HEADER: dict[str, Any] = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[\\x20-\\x7e]+$"},
+}
+
 
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
@@ -210,6 +217,7 @@ def _camel(name: str) -> str:
 
 
 def openapi_path(rule: str) -> str:
+    """``/v1/points/<int:user_id>`` -> ``/v1/points/{userId}``."""
     return _PARAM.sub(lambda m: "{" + _camel(m.group(2)) + "}", rule)
 
 
@@ -229,107 +237,114 @@ def _query_parameters(model: type[BaseModel], defs: dict[str, Any]) -> list[dict
     schema = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
     defs.update(schema.get("$defs", {}))
     required = set(schema.get("required", []))
-    params = []
-    for name, prop in schema.get("properties", {}).items():
-        prop = dict(prop)
-        prop.pop("title", None)
-        params.append({"name": name, "in": "query", "required": name in required, "schema": prop})
-    return params
+    return [
+        {
+            "name": name,
+            "in": "query",
+            "required": name in required,
+            "schema": {k: v for k, v in prop.items() if k != "title"},
+        }
+        for name, prop in schema.get("properties", {}).items()
+    ]
+
+
+def _error_statuses(op: Operation) -> set[int]:
+    statuses = {404, 405, 500}
+    if op.body is not None or op.query is not None or op.job:
+        statuses.add(400)
+    if op.body is not None:
+        statuses |= {413, 415}
+    if op.admin:
+        statuses |= {401, 403}
+    if op.rate_limited:
+        statuses.add(429)
+    if op.job:
+        statuses.add(422)
+    if op.method in ("PUT", "POST"):
+        statuses.add(503)
+    return statuses
+
+
+class _Components:
+    """Component schemas of every model the operations name, and refs to them."""
+
+    def __init__(self) -> None:
+        from pydantic.json_schema import models_json_schema
+
+        from web.schemas import Body, ErrorBody
+
+        self._body = Body
+        self.error = ErrorBody
+        models: set[type[BaseModel]] = {ErrorBody}
+        for op in OPERATIONS:
+            models.update(m for m in op.responses.values() if m is not None)
+            if op.body is not None:
+                models.add(op.body)
+        keyed = [(m, self._mode(m)) for m in sorted(models, key=lambda m: m.__name__)]
+        self._keys, top = models_json_schema(
+            keyed, ref_template="#/components/schemas/{model}", by_alias=True
+        )
+        self.schemas: dict[str, Any] = dict(top.get("$defs", {}))
+
+    def _mode(self, model: type[BaseModel]) -> Literal["validation", "serialization"]:
+        return "validation" if issubclass(model, self._body) else "serialization"
+
+    def ref(self, model: type[BaseModel]) -> dict[str, Any]:
+        return dict(self._keys[(model, self._mode(model))])
+
+
+def _operation_entry(op: Operation, components: _Components) -> dict[str, Any]:
+    path = openapi_path(op.rule)
+    entry: dict[str, Any] = {
+        "summary": op.summary,
+        "operationId": op.method.lower() + re.sub(r"[^A-Za-z0-9]+", "_", path).rstrip("_"),
+        "tags": [op.tag],
+    }
+    params = _path_parameters(op.rule)
+    if op.query is not None:
+        params += _query_parameters(op.query, components.schemas)
+    if op.job:
+        params.append(IDEMPOTENCY_HEADER)
+    if params:
+        entry["parameters"] = params
+    if op.body is not None:
+        entry["requestBody"] = {
+            "required": not op.body_optional,
+            "content": {"application/json": {"schema": components.ref(op.body)}},
+        }
+    if op.admin:
+        entry["security"] = [{"bearerAuth": []}]
+    responses: dict[str, Any] = {}
+    for status, model in op.responses.items():
+        response: dict[str, Any] = {"description": _ERROR_TEXT.get(status, "OK")}
+        if model is not None:
+            response["content"] = {"application/json": {"schema": components.ref(model)}}
+        if op.job and status == 202:
+            response["headers"] = {"Location": {"schema": {"type": "string"}}}
+        responses[str(status)] = response
+    error_content = {"application/json": {"schema": components.ref(components.error)}}
+    for status in sorted(_error_statuses(op)):
+        responses.setdefault(
+            str(status), {"description": _ERROR_TEXT[status], "content": error_content}
+        )
+    entry["responses"] = responses
+    return entry
 
 
 def build_openapi(title: str, version: str) -> dict[str, Any]:
-    from pydantic.json_schema import models_json_schema
-
-    models: set[type[BaseModel]] = set()
-    for op in OPERATIONS:
-        models.update(m for m in op.responses.values() if m is not None)
-        if op.body is not None:
-            models.add(op.body)
-    from web.schemas import ErrorBody
-
-    models.add(ErrorBody)
-    ordered = sorted(models, key=lambda m: m.__name__)
-    keys, top = models_json_schema(
-        [(m, "validation" if issubclass(m, _body_base()) else "serialization") for m in ordered],
-        ref_template="#/components/schemas/{model}",
-        by_alias=True,
-    )
-    schemas: dict[str, Any] = dict(top.get("$defs", {}))
-
-    def ref(model: type[BaseModel]) -> dict[str, Any]:
-        mode = "validation" if issubclass(model, _body_base()) else "serialization"
-        return dict(keys[(model, mode)])  # type: ignore[index]  # keyed by (model, mode)
-
-    error_ref = ref(ErrorBody)
+    """The OpenAPI 3.1 document of every registered operation."""
+    components = _Components()
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
-        entry: dict[str, Any] = {
-            "summary": op.summary,
-            "operationId": f"{op.method.lower()}_{openapi_path(op.rule).strip('/').replace('/', '_')}"
-            .replace("{", "")
-            .replace("}", ""),
-            "tags": [op.tag],
-        }
-        params = _path_parameters(op.rule)
-        if op.query is not None:
-            params += _query_parameters(op.query, schemas)
-        if op.job:
-            params.append(
-                {
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[\\x20-\\x7e]+$"},
-                }
-            )
-        if params:
-            entry["parameters"] = params
-        if op.body is not None:
-            entry["requestBody"] = {
-                "required": not op.body_optional,
-                "content": {"application/json": {"schema": ref(op.body)}},
-            }
-        if op.admin:
-            entry["security"] = [{"bearerAuth": []}]
-        responses: dict[str, Any] = {}
-        for status, model in op.responses.items():
-            resp: dict[str, Any] = {"description": "OK" if status < 300 else _ERROR_TEXT.get(status, "")}
-            if model is not None:
-                resp["content"] = {"application/json": {"schema": ref(model)}}
-            if op.job and status == 202:
-                resp["headers"] = {"Location": {"schema": {"type": "string"}}}
-            responses[str(status)] = resp
-        errors = {404, 405, 500}
-        if op.body is not None or op.query is not None or op.job:
-            errors |= {400}
-        if op.body is not None:
-            errors |= {413, 415}
-        if op.admin:
-            errors |= {401, 403}
-        if op.rate_limited:
-            errors |= {429}
-        if op.job:
-            errors |= {422, 503}
-        if op.method in ("PUT", "POST"):
-            errors |= {503}
-        for status in sorted(errors):
-            responses.setdefault(
-                str(status),
-                {"description": _ERROR_TEXT[status], "content": {"application/json": {"schema": error_ref}}},
-            )
-        paths.setdefault(openapi_path(op.rule), {})[op.method.lower()] = entry
+        paths.setdefault(openapi_path(op.rule), {})[op.method.lower()] = _operation_entry(
+            op, components
+        )
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
         "paths": paths,
         "components": {
-            "schemas": schemas,
+            "schemas": components.schemas,
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
         },
     }
-
-
-def _body_base() -> type[BaseModel]:
-    from web.schemas import Body
-
-    return Body

@@ -16,33 +16,58 @@ from web.session import db_session, read_session
 bp = Blueprint("coupons", __name__, url_prefix="/v1/coupons")
 
 
-@operation(bp, "", "POST", summary="Create a coupon (admin)", body=CouponCreate,
-           responses={201: CouponView}, admin=True)
+@operation(
+    bp,
+    "",
+    "POST",
+    summary="Create a coupon (admin)",
+    body=CouponCreate,
+    responses={201: CouponView},
+    admin=True,
+)
 def post_coupon(body: CouponCreate) -> Response:
     session = db_session()
     coupon = create_coupon(
-        session, name=body.name, discount_amount=body.discount_amount, total_quantity=body.total_quantity
+        session,
+        name=body.name,
+        discount_amount=body.discount_amount,
+        total_quantity=body.total_quantity,
     )
     session.commit()
     return render(coupon_view(coupon), 201, headers={"Location": f"/v1/coupons/{coupon.id}"})
 
 
-@operation(bp, "/<int:coupon_id>", "GET", summary="A coupon with issuedQuantity and remaining",
-           responses={200: CouponView})
+@operation(
+    bp,
+    "/<int:coupon_id>",
+    "GET",
+    summary="A coupon with issuedQuantity and remaining",
+    responses={200: CouponView},
+)
 def get_coupon_by_id(coupon_id: int) -> Response:
     return render(coupon_view(get_coupon(read_session(), coupon_id)))
 
 
 @operation(
-    bp, "/<int:coupon_id>/issue", "POST",
+    bp,
+    "/<int:coupon_id>/issue",
+    "POST",
     summary="Issue the coupon to a user (job COUPON_ISSUE on the coupon's partition)",
-    query=IssueQuery, body=IssueBody, body_optional=True, responses={202: JobAccepted},
-    rate_limited=True, job=True,
+    query=IssueQuery,
+    body=IssueBody,
+    body_optional=True,
+    responses={202: JobAccepted},
+    rate_limited=True,
+    job=True,
 )
 def post_issue(coupon_id: int, query: IssueQuery, body: IssueBody | None) -> Response:
     values = {v for v in (query.user_id, body.user_id if body else None) if v is not None}
     if not values:
-        raise validation_error([{"field": "userId", "message": "userId is required (query or body)"}])
+        raise validation_error(
+            [{"field": "userId", "message": "userId is required (query or body)"}]
+        )
     if len(values) > 1:
-        raise validation_error([{"field": "userId", "message": "query and body give different userId"}])
+        raise validation_error(
+            [{"field": "userId", "message": "query and body give different userId"}]
+        )
     return accept_job(JobKind.COUPON_ISSUE, {"couponId": coupon_id, "userId": values.pop()})

@@ -55,12 +55,16 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def validation_error(details: list[dict[str, str]], message: str = "request is not valid") -> ApiError:
+def validation_error(
+    details: list[dict[str, str]], message: str = "request is not valid"
+) -> ApiError:
     return ApiError(400, ErrorCode.VALIDATION_ERROR, message, details)
 
 
 def unavailable(message: str) -> ApiError:
-    return ApiError(503, ErrorCode.UNAVAILABLE, message, headers={"Retry-After": RETRY_AFTER_SECONDS})
+    return ApiError(
+        503, ErrorCode.UNAVAILABLE, message, headers={"Retry-After": RETRY_AFTER_SECONDS}
+    )
 
 
 def error_response(
@@ -110,22 +114,32 @@ def register_error_handlers(app: Flask) -> None:
             message = "too many requests from this client; retry later"
             response.headers.setdefault("Retry-After", RETRY_AFTER_SECONDS)
         body = error_response(status, code, message)
-        response.set_data(body.get_data())
-        response.mimetype = "application/json"
-        return response
+        body.status_code = response.status_code
+        for name, value in response.headers.items():
+            if name.lower() not in ("content-type", "content-length"):
+                body.headers[name] = value
+        return body
 
     @app.errorhandler(OperationalError)
     def handle_database_down(exc: OperationalError) -> Response:
         log.warning("database unavailable: %s", exc.orig)
         return error_response(
-            503, ErrorCode.UNAVAILABLE, "the database is unavailable",
+            503,
+            ErrorCode.UNAVAILABLE,
+            "the database is unavailable",
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
 
     @app.errorhandler(DBAPIError)
     def handle_database_error(exc: DBAPIError) -> Response:
         if exc.connection_invalidated:
-            return handle_database_down(OperationalError(exc.statement, exc.params, exc.orig))
+            log.warning("database connection lost: %s", exc.orig)
+            return error_response(
+                503,
+                ErrorCode.UNAVAILABLE,
+                "the database is unavailable",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
         log.exception("database error")
         return error_response(500, ErrorCode.INTERNAL, "internal error")
 

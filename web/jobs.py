@@ -18,7 +18,9 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
 
 @operation(
-    bp, "/<job_id>", "GET",
+    bp,
+    "/<job_id>",
+    "GET",
     summary="A job's status; `wait` long-polls until it finishes",
     query=JobWaitQuery,
     responses={200: JobView},

@@ -17,37 +17,64 @@ bp = Blueprint("points", __name__, url_prefix="/v1/points")
 
 
 @operation(
-    bp, "/charge", "POST",
+    bp,
+    "/charge",
+    "POST",
     summary="Charge points (job POINTS_CHARGE on the user's partition)",
-    body=PointsRequest, responses={202: JobAccepted}, rate_limited=True, job=True,
+    body=PointsRequest,
+    responses={202: JobAccepted},
+    rate_limited=True,
+    job=True,
 )
 def post_charge(body: PointsRequest) -> Response:
     return accept_job(JobKind.POINTS_CHARGE, body.model_dump(by_alias=True))
 
 
 @operation(
-    bp, "/use", "POST",
+    bp,
+    "/use",
+    "POST",
     summary="Use points (job POINTS_USE on the user's partition)",
-    body=PointsRequest, responses={202: JobAccepted}, rate_limited=True, job=True,
+    body=PointsRequest,
+    responses={202: JobAccepted},
+    rate_limited=True,
+    job=True,
 )
 def post_use(body: PointsRequest) -> Response:
     return accept_job(JobKind.POINTS_USE, body.model_dump(by_alias=True))
 
 
-@operation(bp, "/<int:user_id>", "GET", summary="A user's balance (0 if never charged)",
-           responses={200: BalanceView})
+@operation(
+    bp,
+    "/<int:user_id>",
+    "GET",
+    summary="A user's balance (0 if never charged)",
+    responses={200: BalanceView},
+)
 def get_points(user_id: int) -> Response:
     balance = get_balance(read_session(), user_id)
     return render(BalanceView(user_id=balance.user_id, amount=balance.amount))
 
 
-@operation(bp, "/<int:user_id>/histories", "GET", summary="A user's point changes, newest first",
-           query=PageQuery, responses={200: Page[PointHistoryItem]})
+@operation(
+    bp,
+    "/<int:user_id>/histories",
+    "GET",
+    summary="A user's point changes, newest first",
+    query=PageQuery,
+    responses={200: Page[PointHistoryItem]},
+)
 def get_point_histories(user_id: int, query: PageQuery) -> Response:
     rows, total = list_point_histories(read_session(), user_id, page=query.page, size=query.size)
     items = [
-        PointHistoryItem(type=r.type, amount=r.amount, balance_after=r.balance_after,  # type: ignore[arg-type]
-                         created_at=rfc3339(r.created_at))
+        PointHistoryItem(
+            type=r.type,
+            amount=r.amount,
+            balance_after=r.balance_after,
+            created_at=rfc3339(r.created_at),
+        )
         for r in rows
     ]
-    return render(Page[PointHistoryItem](items=items, page=query.page, size=query.size, total=total))
+    return render(
+        Page[PointHistoryItem](items=items, page=query.page, size=query.size, total=total)
+    )

@@ -19,7 +19,15 @@ from shared.jobs import JobKind
 from web.api import operation
 from web.errors import validation_error
 from web.publish import accept_job
-from web.schemas import JobAccepted, Page, ProductCreate, ProductListQuery, ProductView, StockBody, StockQuery
+from web.schemas import (
+    JobAccepted,
+    Page,
+    ProductCreate,
+    ProductListQuery,
+    ProductView,
+    StockBody,
+    StockQuery,
+)
 from web.session import db_session, read_session
 
 bp = Blueprint("products", __name__, url_prefix="/v1/products")
@@ -30,8 +38,15 @@ def _cache() -> ProductCache:
     return cache
 
 
-@operation(bp, "", "POST", summary="Create a product (admin)", body=ProductCreate,
-           responses={201: ProductView}, admin=True)
+@operation(
+    bp,
+    "",
+    "POST",
+    summary="Create a product (admin)",
+    body=ProductCreate,
+    responses={201: ProductView},
+    admin=True,
+)
 def post_product(body: ProductCreate) -> Response:
     session = db_session()
     product = create_product(session, name=body.name, price=body.price, stock=body.stock)
@@ -45,8 +60,13 @@ def post_product(body: ProductCreate) -> Response:
     return response
 
 
-@operation(bp, "/<int:product_id>", "GET", summary="A product (through the read cache)",
-           responses={200: ProductView})
+@operation(
+    bp,
+    "/<int:product_id>",
+    "GET",
+    summary="A product (through the read cache)",
+    responses={200: ProductView},
+)
 def get_product_by_id(product_id: int) -> Response:
     cached = _cache().get_product(product_id)
     if cached is not None:
@@ -57,8 +77,14 @@ def get_product_by_id(product_id: int) -> Response:
     return jsonify(document)
 
 
-@operation(bp, "", "GET", summary="List products: filter, sort and page", query=ProductListQuery,
-           responses={200: Page[ProductView]})
+@operation(
+    bp,
+    "",
+    "GET",
+    summary="List products: filter, sort and page",
+    query=ProductListQuery,
+    responses={200: Page[ProductView]},
+)
 def get_products(query: ProductListQuery) -> Response:
     cache = _cache()
     generation = cache.listing_generation()
@@ -80,22 +106,35 @@ def get_products(query: ProductListQuery) -> Response:
             size=query.size,
         ),
     )
-    body = {"items": [product_document(p) for p in rows], "page": query.page, "size": query.size, "total": total}
+    body = {
+        "items": [product_document(p) for p in rows],
+        "page": query.page,
+        "size": query.size,
+        "total": total,
+    }
     if generation is not None:
         cache.put_listing(generation, key, body)
     return jsonify(body)
 
 
 @operation(
-    bp, "/<int:product_id>/stock", "PUT",
+    bp,
+    "/<int:product_id>/stock",
+    "PUT",
     summary="Set a product's stock (admin; job STOCK_SET on the product's partition)",
-    query=StockQuery, body=StockBody, body_optional=True, responses={202: JobAccepted},
-    admin=True, job=True,
+    query=StockQuery,
+    body=StockBody,
+    body_optional=True,
+    responses={202: JobAccepted},
+    admin=True,
+    job=True,
 )
 def put_stock(product_id: int, query: StockQuery, body: StockBody | None) -> Response:
     values = {v for v in (query.stock, body.stock if body else None) if v is not None}
     if not values:
         raise validation_error([{"field": "stock", "message": "stock is required (query or body)"}])
     if len(values) > 1:
-        raise validation_error([{"field": "stock", "message": "query and body give different stock"}])
+        raise validation_error(
+            [{"field": "stock", "message": "query and body give different stock"}]
+        )
     return accept_job(JobKind.STOCK_SET, {"productId": product_id, "stock": values.pop()})

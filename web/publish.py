@@ -18,6 +18,7 @@ from celery import Celery
 from flask import Response, current_app, jsonify, request
 from sqlalchemy.exc import DBAPIError
 
+from shared.cache import make_redis
 from shared.config import Settings
 from shared.domain.errors import ErrorCode
 from shared.jobs import (
@@ -28,7 +29,6 @@ from shared.jobs import (
     task_for_queue,
     wake_key,
 )
-from shared.cache import make_redis
 from shared.models import Job
 from web.errors import ApiError, unavailable, validation_error
 from web.session import db_session
@@ -180,6 +180,6 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
     if job.status == "PENDING":
         try:
             broker_breaker.call(publisher.wake, job.partition)
-        except Exception as exc:  # noqa: BLE001 (any send failure is the sweeper's to repair)
+        except Exception as exc:
             log.warning("job %s committed but not sent (sweeper will): %s", job.id, exc)
     return job_accepted(job)

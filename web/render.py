@@ -7,9 +7,8 @@ from typing import Any
 from flask import Response, jsonify
 from pydantic import BaseModel
 
-from shared.domain.coupons import Coupon
 from shared.formats import rfc3339
-from shared.models import Job, Order, OrderLine, UserCoupon
+from shared.models import Coupon, Job, Order, OrderLine, UserCoupon
 from web import schemas
 
 
@@ -24,8 +23,8 @@ def render(model: BaseModel, status: int = 200, headers: dict[str, str] | None =
 def job_view(job: Job) -> schemas.JobView:
     return schemas.JobView(
         job_id=str(job.id),
-        kind=job.kind,  # type: ignore[arg-type]  # a JobKind value from the database
-        status=job.status,  # type: ignore[arg-type]  # a JobStatus value from the database
+        kind=job.kind,
+        status=job.status,
         result=job.result,
         error=schemas.ErrorInfo(**job.error) if job.error else None,
         created_at=rfc3339(job.created_at),
@@ -37,11 +36,13 @@ def order_view(order: Order, lines: list[OrderLine]) -> schemas.OrderView:
     return schemas.OrderView(
         id=order.id,
         user_id=order.user_id,
-        status=order.status,  # type: ignore[arg-type]  # an OrderStatus value from the database
+        status=order.status,
         version=order.version,
         total_price=order.total_price,
         order_lines=[
-            schemas.OrderLineView(product_id=line.product_id, quantity=line.quantity, unit_price=line.unit_price)
+            schemas.OrderLineView(
+                product_id=line.product_id, quantity=line.quantity, unit_price=line.unit_price
+            )
             for line in lines
         ],
         created_at=rfc3339(order.created_at),

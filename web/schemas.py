@@ -21,7 +21,9 @@ Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 PointAmount = Annotated[int, Field(ge=1, le=1_000_000)]
 Money = Annotated[int, Field(ge=0, le=1_000_000_000)]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
-Timestamp = Annotated[str, Field(description="RFC 3339, UTC, milliseconds", examples=["2026-11-30T04:15:35.123Z"])]
+Timestamp = Annotated[
+    str, Field(description="RFC 3339, UTC, milliseconds", examples=["2026-11-30T04:15:35.123Z"])
+]
 
 _INTEGER = re.compile(r"^[+-]?\d{1,30}$")
 
@@ -50,7 +52,11 @@ class Body(BaseModel):
     """A JSON request body: strict types, camelCase names, no unknown fields."""
 
     model_config = ConfigDict(
-        strict=True, extra="forbid", alias_generator=to_camel, validate_by_name=False, validate_by_alias=True
+        strict=True,
+        extra="forbid",
+        alias_generator=to_camel,
+        validate_by_name=False,
+        validate_by_alias=True,
     )
 
 
@@ -61,7 +67,9 @@ class Query(BaseModel):
 
 
 class Out(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, serialize_by_alias=True, validate_by_name=True)
+    model_config = ConfigDict(
+        alias_generator=to_camel, serialize_by_alias=True, validate_by_name=True
+    )
 
 
 # ---- jobs -----------------------------------------------------------------
@@ -155,7 +163,11 @@ class ProductListQuery(PageQuery):
 
     @model_validator(mode="after")
     def _price_bounds(self) -> ProductListQuery:
-        if self.min_price is not None and self.max_price is not None and self.min_price > self.max_price:
+        if (
+            self.min_price is not None
+            and self.max_price is not None
+            and self.min_price > self.max_price
+        ):
             raise ValueError("minPrice must not exceed maxPrice")
         return self
 

@@ -13,8 +13,13 @@ from web.session import read_session
 bp = Blueprint("users", __name__, url_prefix="/v1/users")
 
 
-@operation(bp, "/<int:user_id>/coupons", "GET", summary="A user's coupons, in the order issued",
-           responses={200: UserCouponList})
+@operation(
+    bp,
+    "/<int:user_id>/coupons",
+    "GET",
+    summary="A user's coupons, in the order issued",
+    responses={200: UserCouponList},
+)
 def get_user_coupons(user_id: int) -> Response:
     rows = list_user_coupons(read_session(), user_id)
     return render(UserCouponList(items=[user_coupon_item(uc, c) for uc, c in rows]))

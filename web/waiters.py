@@ -34,13 +34,15 @@ class JobWaiters:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 # Started lazily: after gunicorn forks, in the process that waits.
-                self._thread = threading.Thread(target=self._listen, name="job-waiters", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._listen, name="job-waiters", daemon=True
+                )
                 self._thread.start()
 
     def _listen(self) -> None:
         while True:
             try:
-                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
                 pubsub.subscribe(FINISHED_CHANNEL)
                 for message in pubsub.listen():
                     self._wake(json.loads(message["data"]))

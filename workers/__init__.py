@@ -13,7 +13,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.config import Settings
 from shared.jobs import DRAIN_TASK, HISTORY_TASK, task_for_queue
-from workers.base import Runtime, RetryLater, drain_partition
+from workers.base import RetryLater, Runtime, drain_partition
 
 MAINTENANCE_QUEUE = "maintenance"
 SWEEP_TASK = "maintenance.sweep"
@@ -52,7 +52,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "sweep-pending-jobs": {
                 "task": SWEEP_TASK,
                 "schedule": settings.sweep_interval_seconds,
-                "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_interval_seconds * 2},
+                "options": {
+                    "queue": MAINTENANCE_QUEUE,
+                    "expires": settings.sweep_interval_seconds * 2,
+                },
             },
             "relay-outbox": {
                 "task": RELAY_TASK,
@@ -80,23 +83,23 @@ def _register_tasks(app: Celery, runtime: Runtime) -> None:
     # Importing the handler modules registers apply_<kind> for each job kind.
     from workers import beat, coupons, history, orders, points, products  # noqa: F401
 
-    @app.task(name=DRAIN_TASK, **_RETRY_POLICY)  # type: ignore[untyped-decorator]
+    @app.task(name=DRAIN_TASK, **_RETRY_POLICY)
     def drain(queue: str) -> int:
         return drain_partition(runtime, queue)
 
-    @app.task(name=HISTORY_TASK, **_RETRY_POLICY)  # type: ignore[untyped-decorator]
+    @app.task(name=HISTORY_TASK, **_RETRY_POLICY)
     def drain_history(_queue: str) -> int:
         return history.drain_outbox(runtime)
 
-    @app.task(name=SWEEP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=SWEEP_TASK, ignore_result=True)
     def sweep() -> list[str]:
         return beat.sweep_pending_jobs(runtime)
 
-    @app.task(name=RELAY_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=RELAY_TASK, ignore_result=True)
     def relay() -> bool:
         return beat.relay_outbox(runtime)
 
-    @app.task(name=PURGE_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=PURGE_TASK, ignore_result=True)
     def purge() -> int:
         return beat.purge_expired_idempotency_keys(runtime)
 

@@ -39,9 +39,9 @@ from shared.jobs import (
     JobKind,
     count_attempt,
     lock_pending_batch,
+    lock_pending_job,
     mark_failed,
     mark_succeeded,
-    lock_pending_job,
     wake_key,
 )
 from shared.models import Job
@@ -115,11 +115,13 @@ class Runtime:
     @property
     def cache(self) -> ProductCache:
         if self._cache is None:
-            self._cache = ProductCache(make_redis(self.settings.cache_url, timeout=0.5), self.settings.cache_ttl_seconds)
+            self._cache = ProductCache(
+                make_redis(self.settings.cache_url, timeout=0.5), self.settings.cache_ttl_seconds
+            )
         return self._cache
 
     def wake(self, queue: str) -> None:
-        """Send a wake-up for ``queue`` unless one is already in flight (never inside a transaction)."""
+        """Wake ``queue`` unless a wake-up is in flight.  Never call inside a transaction."""
         if self.coordination.set(wake_key(queue), 1, nx=True, ex=10):
             try:
                 self._send(queue)
@@ -128,7 +130,7 @@ class Runtime:
                 raise
 
     def force_wake(self, queue: str) -> None:
-        """Send a wake-up regardless of the flag (the sweeper: the flag may outlive a lost message)."""
+        """Wake ``queue`` even if flagged: the flag may outlive a lost message (the sweeper)."""
         self._send(queue)
 
 
@@ -216,17 +218,17 @@ def after_commit(rt: Runtime, effects: Effects) -> None:
                 for product in get_products(session, sorted(effects.products)):
                     rt.cache.put_product(product_document(product), product.version)
             rt.cache.invalidate_listings()
-        except Exception:  # noqa: BLE001 (the cache is an optimisation; TTL bounds staleness)
+        except Exception:
             log.exception("product cache refresh failed")
     for action in effects.later.values():
         try:
             action(rt)
-        except Exception:  # noqa: BLE001 (post-commit extras are optimisations)
+        except Exception:
             log.exception("post-commit action failed")
     if effects.history:
         try:
             rt.wake(HISTORY_QUEUE)
-        except Exception as exc:  # noqa: BLE001 (the outbox relay re-sends)
+        except Exception as exc:
             log.warning("history wake-up not sent (relay will): %s", exc)
     if effects.finished:
         try:

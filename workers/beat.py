@@ -40,4 +40,6 @@ def relay_outbox(rt: Runtime) -> bool:
 
 def purge_expired_idempotency_keys(rt: Runtime) -> int:
     with rt.session_factory() as session, session.begin():
-        return purge_idempotency_keys(session, dt.timedelta(seconds=rt.settings.idempotency_ttl_seconds))
+        return purge_idempotency_keys(
+            session, dt.timedelta(seconds=rt.settings.idempotency_ttl_seconds)
+        )

@@ -13,7 +13,9 @@ from workers.base import Effects, Runtime, handles
 
 
 @handles(JobKind.ORDER_CREATE)
-def apply_order_create(_rt: Runtime, session: Session, job: Job, effects: Effects) -> dict[str, Any]:
+def apply_order_create(
+    _rt: Runtime, session: Session, job: Job, effects: Effects
+) -> dict[str, Any]:
     lines = [LineRequest(line["productId"], line["quantity"]) for line in job.payload["orderLines"]]
     order = create_order(session, job.payload["userId"], lines, job_id=job.id)
     effects.products.update(line.product_id for line in lines)

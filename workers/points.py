@@ -17,7 +17,9 @@ def _result(balance: Balance) -> dict[str, Any]:
 
 
 @handles(JobKind.POINTS_CHARGE)
-def apply_points_charge(_rt: Runtime, session: Session, job: Job, _effects: Effects) -> dict[str, Any]:
+def apply_points_charge(
+    _rt: Runtime, session: Session, job: Job, _effects: Effects
+) -> dict[str, Any]:
     payload = job.payload
     return _result(charge_points(session, payload["userId"], payload["amount"], job_id=job.id))
 

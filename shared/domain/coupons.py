@@ -9,7 +9,9 @@ from shared.domain.errors import CouponAlreadyIssued, CouponNotFound, CouponSold
 from shared.models import Coupon, UserCoupon
 
 
-def create_coupon(session: Session, *, name: str, discount_amount: int, total_quantity: int) -> Coupon:
+def create_coupon(
+    session: Session, *, name: str, discount_amount: int, total_quantity: int
+) -> Coupon:
     coupon = Coupon(name=name, discount_amount=discount_amount, total_quantity=total_quantity)
     session.add(coupon)
     session.flush()  # to obtain the generated id and server defaults
@@ -57,16 +59,16 @@ def issue_coupon(session: Session, coupon_id: int, user_id: int) -> UserCoupon:
 def holds_coupon(session: Session, coupon_id: int, user_id: int) -> bool:
     return bool(
         session.execute(
-            select(
-                exists().where(UserCoupon.coupon_id == coupon_id, UserCoupon.user_id == user_id)
-            )
+            select(exists().where(UserCoupon.coupon_id == coupon_id, UserCoupon.user_id == user_id))
         ).scalar()
     )
 
 
 def coupon_holders(session: Session, coupon_id: int) -> list[int]:
     return list(
-        session.execute(select(UserCoupon.user_id).where(UserCoupon.coupon_id == coupon_id)).scalars()
+        session.execute(
+            select(UserCoupon.user_id).where(UserCoupon.coupon_id == coupon_id)
+        ).scalars()
     )
 
 

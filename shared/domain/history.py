@@ -31,7 +31,9 @@ def record_histories_from_outbox(session: Session, limit: int) -> int:
         return 0
     session.execute(
         insert(OrderHistory)
-        .values([{"order_id": r.order_id, "status": r.status, "created_at": r.created_at} for r in rows])
+        .values(
+            [{"order_id": r.order_id, "status": r.status, "created_at": r.created_at} for r in rows]
+        )
         .on_conflict_do_nothing(constraint="uq_order_histories_order_id_status")
     )
     session.execute(

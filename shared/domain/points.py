@@ -25,7 +25,9 @@ class Balance:
     amount: int
 
 
-def charge_points(session: Session, user_id: int, amount: int, *, job_id: uuid.UUID | None = None) -> Balance:
+def charge_points(
+    session: Session, user_id: int, amount: int, *, job_id: uuid.UUID | None = None
+) -> Balance:
     """Add ``amount`` to the user's balance and write one history row.
 
     Guarded in SQL (rule 2): the UPDATE only matches while the new balance stays
@@ -43,11 +45,20 @@ def charge_points(session: Session, user_id: int, amount: int, *, job_id: uuid.U
     ).scalar_one_or_none()
     if new_balance is None:
         raise PointLimitExceeded(f"a balance may not exceed {MAX_BALANCE:,} points")
-    _write_history(session, user_id, PointChange.CHARGE, amount, new_balance, job_id)
+    _write_history(
+        session,
+        user_id=user_id,
+        change=PointChange.CHARGE,
+        amount=amount,
+        balance_after=new_balance,
+        job_id=job_id,
+    )
     return Balance(user_id, new_balance)
 
 
-def use_points(session: Session, user_id: int, amount: int, *, job_id: uuid.UUID | None = None) -> Balance:
+def use_points(
+    session: Session, user_id: int, amount: int, *, job_id: uuid.UUID | None = None
+) -> Balance:
     """Take ``amount`` from the user's balance and write one history row.
 
     Guarded by ``balance >= amount`` in the UPDATE and ``ck_points_balance_non_negative``.
@@ -61,12 +72,20 @@ def use_points(session: Session, user_id: int, amount: int, *, job_id: uuid.UUID
     ).scalar_one_or_none()
     if new_balance is None:
         raise InsufficientPoints(f"user {user_id} has fewer than {amount} points")
-    _write_history(session, user_id, PointChange.USE, amount, new_balance, job_id)
+    _write_history(
+        session,
+        user_id=user_id,
+        change=PointChange.USE,
+        amount=amount,
+        balance_after=new_balance,
+        job_id=job_id,
+    )
     return Balance(user_id, new_balance)
 
 
 def _write_history(
     session: Session,
+    *,
     user_id: int,
     change: PointChange,
     amount: int,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from shared.domain.errors import NotFound, ProductNotFound
 from shared.formats import rfc3339
@@ -21,7 +21,7 @@ class ProductSort(enum.StrEnum):
     CREATED_AT = "createdAt"
 
 
-_SORT_COLUMNS = {
+_SORT_COLUMNS: dict[ProductSort, InstrumentedAttribute[Any]] = {
     ProductSort.ID: Product.id,
     ProductSort.NAME: Product.name,
     ProductSort.PRICE: Product.price,
@@ -73,7 +73,9 @@ def list_products(session: Session, query: ProductQuery) -> tuple[list[Product],
     """One page of products matching ``query``, ties broken by id, and the total count."""
     conditions: list[ColumnElement[bool]] = []
     if query.name:
-        pattern = "%" + query.name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        pattern = (
+            "%" + query.name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        )
         conditions.append(Product.name.ilike(pattern, escape="\\"))
     if query.min_price is not None:
         conditions.append(Product.price >= query.min_price)
@@ -84,11 +86,14 @@ def list_products(session: Session, query: ProductQuery) -> tuple[list[Product],
     elif query.in_stock is False:
         conditions.append(Product.stock == 0)
 
-    total = session.execute(select(func.count()).select_from(Product).where(*conditions)).scalar_one()
+    total = session.execute(
+        select(func.count()).select_from(Product).where(*conditions)
+    ).scalar_one()
     column = _SORT_COLUMNS[query.sort]
-    order = [column.desc(), Product.id.desc()] if query.descending else [column.asc(), Product.id.asc()]
-    if query.sort is ProductSort.ID:
-        order = order[:1]
+    columns: list[InstrumentedAttribute[Any]] = (
+        [column] if column is Product.id else [column, Product.id]
+    )
+    order = [c.desc() if query.descending else c.asc() for c in columns]  # ties broken by id
     rows = session.execute(
         select(Product)
         .where(*conditions)
@@ -149,6 +154,8 @@ def get_products(session: Session, product_ids: list[int]) -> list[Product]:
         return []
     return list(
         session.execute(
-            select(Product).where(Product.id.in_(product_ids)).execution_options(populate_existing=True)
+            select(Product)
+            .where(Product.id.in_(product_ids))
+            .execution_options(populate_existing=True)
         ).scalars()
     )

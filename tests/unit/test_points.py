@@ -22,7 +22,10 @@ def test_charge_then_use_moves_the_balance_and_writes_history(db_session: Sessio
     assert get_balance(db_session, 1).amount == 300
     rows, total = list_point_histories(db_session, 1, page=1, size=10)
     assert total == 2
-    assert [(r.type, r.amount, r.balance_after) for r in rows] == [("USE", 200, 300), ("CHARGE", 500, 500)]
+    assert [(r.type, r.amount, r.balance_after) for r in rows] == [
+        ("USE", 200, 300),
+        ("CHARGE", 500, 500),
+    ]
 
 
 def test_use_more_than_the_balance_fails_and_changes_nothing(db_session: Session) -> None:
@@ -57,7 +60,14 @@ def test_history_pages_are_newest_first(db_session: Session) -> None:
 
 def test_database_refuses_a_negative_balance_on_its_own(db_session: Session) -> None:
     charge_points(db_session, 6, 10)
-    with pytest.raises(IntegrityError, match="ck_points_balance_non_negative"), db_session.begin_nested():
-        db_session.execute(PointBalance.__table__.update().values(balance=-1).where(PointBalance.user_id == 6))
-    count = db_session.execute(select(func.count()).select_from(PointHistory).where(PointHistory.user_id == 6))
+    with (
+        pytest.raises(IntegrityError, match="ck_points_balance_non_negative"),
+        db_session.begin_nested(),
+    ):
+        db_session.execute(
+            PointBalance.__table__.update().values(balance=-1).where(PointBalance.user_id == 6)
+        )
+    count = db_session.execute(
+        select(func.count()).select_from(PointHistory).where(PointHistory.user_id == 6)
+    )
     assert count.scalar_one() == 1
