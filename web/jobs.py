@@ -43,6 +43,7 @@ def get_job_status(job_id: str, query: JobWaitQuery) -> Response:
             current = get_job(session, key)
             return current is not None and current.status != JobStatus.PENDING
 
-        waiters.wait(str(key), query.wait, finished)
+        wait_seconds = min(query.wait, current_app.extensions["settings"].max_wait_seconds)
+        waiters.wait(str(key), wait_seconds, finished)
         job = get_job(session, key) or job
     return render(job_view(job))
