@@ -3,7 +3,10 @@
 The cache is an optimisation: every call swallows Redis errors and the caller
 falls back to PostgreSQL.  Writers (workers after commit) store the fresh
 product; a reader's fill never overwrites a newer version, so a read that began
-before a commit cannot put the old stock back after it.
+before a commit cannot put the old stock back after it.  Before committing, a
+writer marks the entry pending at the version it is about to commit: readers
+then go to PostgreSQL (and cannot fill an older version) until the refresh after
+commit, so no read after a job SUCCEEDED is served the old stock.
 """
 
 from __future__ import annotations
@@ -20,12 +23,17 @@ log = logging.getLogger(__name__)
 
 LISTING_GENERATION_KEY = "products:generation"
 
-# SET only when the stored version is older (or absent): ARGV = value, version, ttl.
+# SET only when the stored version is older (or absent), or is a pending marker of
+# this same version (the committed document replaces it): ARGV = value, version, ttl.
 _SET_IF_NEWER = """
 local current = redis.call('GET', KEYS[1])
 if current then
-  local stored = tonumber(cjson.decode(current)['v'])
-  if stored and stored >= tonumber(ARGV[2]) then return 0 end
+  local entry = cjson.decode(current)
+  local stored = tonumber(entry['v'])
+  local wanted = tonumber(ARGV[2])
+  if stored and (stored > wanted or (stored == wanted and not entry['pending'])) then
+    return 0
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return 1
@@ -65,7 +73,10 @@ class ProductCache:
             return None
         if raw is None:
             return None
-        doc: dict[str, Any] = json.loads(raw)["doc"]
+        entry = json.loads(raw)
+        if entry.get("pending"):
+            return None  # a change of this product is committing: read PostgreSQL
+        doc: dict[str, Any] = entry["doc"]
         return doc
 
     def put_product(self, doc: dict[str, Any], version: int) -> None:
@@ -74,6 +85,17 @@ class ProductCache:
         value = json.dumps({"v": version, "doc": doc}, separators=(",", ":"))
         try:
             self._set_if_newer(keys=[product_key(int(doc["id"]))], args=[value, version, self._ttl])
+        except redis.RedisError as exc:
+            self._failed(exc)
+
+    def mark_pending(self, product_id: int, version: int) -> None:
+        """Before a commit that brings the product to ``version``: make readers miss until
+        the document of that version is stored (fills of older versions are refused)."""
+        if not self._available():
+            return
+        value = json.dumps({"v": version, "pending": True}, separators=(",", ":"))
+        try:
+            self._set_if_newer(keys=[product_key(product_id)], args=[value, version, self._ttl])
         except redis.RedisError as exc:
             self._failed(exc)
 

@@ -145,6 +145,15 @@ def _apply_each(rt: Runtime, session: Session, jobs: list[Job], effects: Effects
         else:
             mark_succeeded(job, result)
         effects.finished.append(str(job.id))
+    _mark_products_pending(rt, session, effects)
+
+
+def _mark_products_pending(rt: Runtime, session: Session, effects: Effects) -> None:
+    """Before commit: cached products the batch changed miss until refreshed after commit,
+    so that a read after a job shows SUCCEEDED never gets the old stock from the cache."""
+    if effects.products:
+        for product in get_products(session, sorted(effects.products)):
+            rt.cache.mark_pending(product.id, product.version)
 
 
 def drain_partition(rt: Runtime, queue: str) -> int:
@@ -193,15 +202,18 @@ def _apply_alone(rt: Runtime, queue: str, job_id: uuid.UUID, effects: Effects) -
     except Exception as exc:
         if is_transient(exc):
             raise
+        # The attempt is committed before RetryLater is raised: raising inside the
+        # transaction would roll the count back and the job would retry forever.
         with rt.session_factory() as session, session.begin():
             attempts = count_attempt(session, job_id)
-            if attempts < rt.settings.job_max_attempts:
-                log.exception("job %s failed (attempt %d); will retry", job_id, attempts)
-                after_commit(rt, effects)
-                raise RetryLater(str(job_id)) from exc
-            log.exception("job %s failed %d times; finishing it INTERNAL", job_id, attempts)
-            job = session.get_one(Job, job_id)
-            mark_failed(job, ErrorCode.INTERNAL, "the job could not be applied")
+            if attempts >= rt.settings.job_max_attempts:
+                job = session.get_one(Job, job_id)
+                mark_failed(job, ErrorCode.INTERNAL, "the job could not be applied")
+        if attempts < rt.settings.job_max_attempts:
+            log.exception("job %s failed (attempt %d); will retry", job_id, attempts)
+            after_commit(rt, effects)
+            raise RetryLater(str(job_id)) from exc
+        log.exception("job %s failed %d times; finished it INTERNAL", job_id, attempts)
         effects.finished.append(str(job_id))
         return
     effects.finished.extend(alone.finished)

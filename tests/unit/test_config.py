@@ -1,0 +1,122 @@
+"""Settings from the environment: conversions, refusals that name the variable, masking."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.config import AppEnv, ConfigError, Settings
+
+URL = "postgresql://shop:pg-secret@db.example:5432/shop"
+
+
+def test_from_env_converts_each_field() -> None:
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": URL,
+            "REDIS_URL": "redis://cache.example:6380/0",
+            "APP_ENV": "TEST",
+            "PARTITIONS": "8",
+            "BATCH_SIZE": "50",
+            "JOB_MAX_ATTEMPTS": "5",
+            "SWEEP_AFTER_SECONDS": "2.5",
+            "WORKER_INDEX": "1",
+            "WORKER_COUNT": "3",
+            "RATE_LIMIT": "100 per minute",
+            "LOG_LEVEL": "DEBUG",
+            "UNRELATED": "ignored",
+        }
+    )
+    assert settings.database_url == URL
+    assert settings.app_env is AppEnv.TEST
+    assert (settings.partitions, settings.batch_size, settings.job_max_attempts) == (8, 50, 5)
+    assert settings.sweep_after_seconds == 2.5
+    assert isinstance(settings.sweep_after_seconds, float)
+    assert (settings.worker_index, settings.worker_count) == (1, 3)
+    assert settings.rate_limit == "100 per minute"
+    assert settings.rate_limit_enabled
+    assert settings.log_level == "DEBUG"
+
+
+def test_empty_variables_keep_the_defaults() -> None:
+    settings = Settings.from_env({"DATABASE_URL": URL, "PARTITIONS": "", "RATE_LIMIT": ""})
+    assert settings.partitions == Settings(database_url=URL).partitions
+    assert settings.rate_limit == "200/second"
+    assert settings.app_env is AppEnv.DEVELOPMENT
+
+
+def test_derived_urls() -> None:
+    settings = Settings.from_env({"DATABASE_URL": URL, "REDIS_URL": "redis://r.example:7000/0"})
+    assert settings.sqlalchemy_url == "postgresql+psycopg://shop:pg-secret@db.example:5432/shop"
+    assert settings.broker_url == "redis://r.example:7000/0"
+    assert settings.cache_url == "redis://r.example:7000/1"
+    assert settings.limiter_url == "redis://r.example:7000/2"
+    assert settings.coordination_url == "redis://r.example:7000/3"
+
+
+@pytest.mark.parametrize("environ", [{}, {"DATABASE_URL": ""}])
+def test_missing_database_url_is_named(environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="DATABASE_URL"):
+        Settings.from_env(environ)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [("PARTITIONS", "many"), ("SWEEP_AFTER_SECONDS", "soon"), ("APP_ENV", "staging")],
+)
+def test_malformed_values_are_refused_by_name(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({"DATABASE_URL": URL, name: raw})
+
+
+@pytest.mark.parametrize("limit", ["fast", "200", "200/fortnight", "/second", "-5/second"])
+def test_bad_rate_limit_is_refused(limit: str) -> None:
+    with pytest.raises(ConfigError, match="RATE_LIMIT"):
+        Settings.from_env({"DATABASE_URL": URL, "RATE_LIMIT": limit})
+
+
+@pytest.mark.parametrize("limit", ["200/second", "10/minute", "5 per hour", "1/days", "OFF"])
+def test_good_rate_limits_are_taken(limit: str) -> None:
+    settings = Settings.from_env({"DATABASE_URL": URL, "RATE_LIMIT": limit})
+    assert settings.rate_limit == limit
+    assert settings.rate_limit_enabled is (limit != "OFF")
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"PARTITIONS": "0"}, "PARTITIONS"),
+        ({"BATCH_SIZE": "0"}, "BATCH_SIZE"),
+        ({"WORKER_INDEX": "2", "WORKER_COUNT": "2"}, "WORKER_INDEX"),
+        ({"APP_ENV": "production"}, "ADMIN_TOKEN"),
+    ],
+)
+def test_inconsistent_settings_are_refused(environ: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_env({"DATABASE_URL": URL, **environ})
+
+
+def test_production_with_a_token_is_fine() -> None:
+    settings = Settings.from_env({"DATABASE_URL": URL, "APP_ENV": "production", "ADMIN_TOKEN": "t"})
+    assert settings.app_env is AppEnv.PRODUCTION
+
+
+def test_repr_masks_the_token_and_url_passwords() -> None:
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": URL,
+            "DATABASE_REPLICA_URL": "postgresql://ro:replica-secret@replica.example/shop",
+            "REDIS_URL": "redis://:redis-secret@r.example:6379/0",
+            "ADMIN_TOKEN": "admin-secret-token",
+        }
+    )
+    shown = repr(settings)
+    for secret in ("pg-secret", "replica-secret", "redis-secret", "admin-secret-token"):
+        assert secret not in shown
+    assert "admin_token='***'" in shown
+    assert "shop:***@db.example:5432" in shown
+    assert "ro:***@replica.example" in shown
+    assert ":***@r.example:6379" in shown
+    assert str(settings) == shown
+    # Masking is display only.
+    assert settings.admin_token == "admin-secret-token"
+    assert settings.database_url == URL
