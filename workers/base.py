@@ -2,18 +2,21 @@
 
 A ``jobs.drain`` message only says "look at partition Q".  The consumer clears
 Q's wake flag, then repeatedly locks the oldest PENDING jobs of Q (in commit
-order) and applies them in one transaction, each in its own savepoint:
+order) and hands them, as one batch, to the handler of Q's kind, which decides
+every job in order and writes the batch's changes set-wise (rule 6); the jobs'
+outcomes are written in the same transaction:
 
-* a ``DomainError`` rolls back that job's savepoint and finishes it FAILED;
+* a refusal (``DomainError``) is an outcome: the job is finished FAILED with its
+  code.  Handlers decide before they write, so a refusal never leaves a partial
+  write behind and no savepoint is needed;
 * any other error rolls the batch back, and the batch is replayed one job at a
   time, so a bad job fails alone; a job that keeps failing is finished FAILED
   ``INTERNAL`` after ``JOB_MAX_ATTEMPTS`` attempts;
 * transient database errors (lost connection, deadlock, serialization failure)
   propagate, so the task retries with backoff and nothing counts as an attempt.
 
-Single jobs and batches share this path (a batch of one is just a short batch).
-Effects outside PostgreSQL (notifications, cache, history wake-up) happen only
-after commit.
+A single job is a batch of one.  Effects outside PostgreSQL (notifications,
+cache, history wake-up) happen only after commit.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from shared.domain.errors import DomainError, ErrorCode
 from shared.domain.products import get_products, product_document
 from shared.jobs import (
     FINISHED_CHANNEL,
+    PARTITION_KIND_OF,
     JobKind,
     count_attempt,
     lock_pending_batch,
@@ -45,7 +49,7 @@ from shared.jobs import (
     wake_key,
 )
 from shared.models import Job
-from shared.partitions import HISTORY_QUEUE
+from shared.partitions import HISTORY_QUEUE, PartitionKind
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +65,15 @@ class Effects:
     later: dict[str, Callable[[Runtime], None]] = field(default_factory=dict)
 
 
-Handler = Callable[["Runtime", Session, Job, Effects], dict[str, Any]]
+Outcome = dict[str, Any] | DomainError
+# Decides and writes a batch of one partition's jobs; one outcome per job, in order.
+Handler = Callable[["Runtime", Session, list[Job], Effects], list[Outcome]]
 
-HANDLERS: dict[JobKind, Handler] = {}
+HANDLERS: dict[PartitionKind, Handler] = {}
 
 
-def handles(kind: JobKind) -> Callable[[Handler], Handler]:
-    """Register ``apply_<kind>`` as the handler of a job kind (returns it unchanged)."""
+def handles(kind: PartitionKind) -> Callable[[Handler], Handler]:
+    """Register the batch handler of a partition kind (returns it unchanged)."""
 
     def register(handler: Handler) -> Handler:
         HANDLERS[kind] = handler
@@ -134,16 +140,16 @@ class Runtime:
         self._send(queue)
 
 
-def _apply_each(rt: Runtime, session: Session, jobs: list[Job], effects: Effects) -> None:
-    for job in jobs:
-        handler = HANDLERS[JobKind(job.kind)]
-        try:
-            with session.begin_nested():
-                result = handler(rt, session, job, effects)
-        except DomainError as exc:
-            mark_failed(job, exc.code, exc.message)
+def _apply_batch(rt: Runtime, session: Session, jobs: list[Job], effects: Effects) -> None:
+    if not jobs:
+        return
+    kind = PARTITION_KIND_OF[JobKind(jobs[0].kind)]
+    outcomes = HANDLERS[kind](rt, session, jobs, effects)
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        if isinstance(outcome, DomainError):
+            mark_failed(job, outcome.code, outcome.message)
         else:
-            mark_succeeded(job, result)
+            mark_succeeded(job, outcome)
         effects.finished.append(str(job.id))
     _mark_products_pending(rt, session, effects)
 
@@ -178,7 +184,7 @@ def apply_next_batch(rt: Runtime, queue: str) -> int:
         with rt.session_factory() as session, session.begin():
             jobs = lock_pending_batch(session, queue, rt.settings.batch_size)
             job_ids = [job.id for job in jobs]
-            _apply_each(rt, session, jobs, effects)
+            _apply_batch(rt, session, jobs, effects)
     except Exception as exc:
         if is_transient(exc) or not job_ids:
             raise
@@ -198,7 +204,7 @@ def _apply_alone(rt: Runtime, queue: str, job_id: uuid.UUID, effects: Effects) -
             job = lock_pending_job(session, queue, job_id)
             if job is None:
                 return
-            _apply_each(rt, session, [job], alone)
+            _apply_batch(rt, session, [job], alone)
     except Exception as exc:
         if is_transient(exc):
             raise

@@ -9,17 +9,17 @@ refuse, never issue, so losing it costs speed, not correctness.
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
 
 import redis
 from sqlalchemy.orm import Session
 
-from shared.domain.coupons import coupon_holders, is_sold_out, issue_coupon
-from shared.domain.errors import CouponAlreadyIssued, CouponSoldOut
-from shared.jobs import JobKind
+from shared.domain.coupons import IssuedCoupon, IssueRequest, coupon_holders, issue_coupons
+from shared.domain.errors import CouponAlreadyIssued, CouponSoldOut, DomainError
 from shared.models import Job
-from workers.base import Effects, Runtime, handles
+from shared.partitions import PartitionKind
+from workers.base import Effects, Outcome, Runtime, handles
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +32,31 @@ def holders_key(coupon_id: int) -> str:
     return f"coupon:{coupon_id}:holders"
 
 
-def settle_from_marker(rt: Runtime, coupon_id: int, user_id: int) -> None:
-    """Raise the failure Redis already knows for a sold-out coupon; return if it knows nothing."""
+def settle_from_markers(rt: Runtime, requests: list[IssueRequest]) -> list[DomainError | None]:
+    """The failure Redis already knows for each request on a sold-out coupon, else None."""
     try:
         pipe = rt.coordination.pipeline(transaction=False)
-        pipe.exists(sold_out_key(coupon_id))
-        pipe.sismember(holders_key(coupon_id), str(user_id))
-        sold_out, holder = pipe.execute()
+        for r in requests:
+            pipe.exists(sold_out_key(r.coupon_id))
+            pipe.sismember(holders_key(r.coupon_id), str(r.user_id))
+        answers = pipe.execute()
     except redis.RedisError as exc:
         log.warning("sold-out markers unavailable: %s", exc)
-        return
-    if not sold_out:
-        return
-    if holder:
-        raise CouponAlreadyIssued(f"user {user_id} already holds coupon {coupon_id}")
-    raise CouponSoldOut(f"coupon {coupon_id} is sold out")
+        return [None] * len(requests)
+    settled: list[DomainError | None] = []
+    for r, sold_out, holder in zip(requests, answers[::2], answers[1::2], strict=True):
+        if not sold_out:
+            settled.append(None)
+        elif holder:
+            settled.append(
+                CouponAlreadyIssued(f"user {r.user_id} already holds coupon {r.coupon_id}")
+            )
+        else:
+            settled.append(CouponSoldOut(f"coupon {r.coupon_id} is sold out"))
+    return settled
 
 
-def remember_sold_out(rt: Runtime, coupon_id: int) -> None:
+def remember_sold_out(rt: Runtime, *, coupon_id: int) -> None:
     """Store the holders, then the marker: whoever sees the marker sees every holder."""
     with rt.session_factory() as session:
         holders = coupon_holders(session, coupon_id)
@@ -60,15 +67,26 @@ def remember_sold_out(rt: Runtime, coupon_id: int) -> None:
     pipe.execute()
 
 
-@handles(JobKind.COUPON_ISSUE)
-def apply_coupon_issue(rt: Runtime, session: Session, job: Job, effects: Effects) -> dict[str, Any]:
-    coupon_id, user_id = job.payload["couponId"], job.payload["userId"]
-    settle_from_marker(rt, coupon_id, user_id)
-    try:
-        user_coupon = issue_coupon(session, coupon_id, user_id)
-    except CouponSoldOut:
-        effects.later[sold_out_key(coupon_id)] = lambda r: remember_sold_out(r, coupon_id)
-        raise
-    if is_sold_out(session, coupon_id):
-        effects.later[sold_out_key(coupon_id)] = lambda r: remember_sold_out(r, coupon_id)
-    return {"couponId": coupon_id, "userId": user_id, "userCouponId": user_coupon.id}
+@handles(PartitionKind.COUPON)
+def apply_coupon_jobs(
+    rt: Runtime, session: Session, jobs: list[Job], effects: Effects
+) -> list[Outcome]:
+    requests = [IssueRequest(j.payload["couponId"], j.payload["userId"]) for j in jobs]
+    settled = settle_from_markers(rt, requests)
+    open_requests = [r for r, known in zip(requests, settled, strict=True) if known is None]
+    issued = issue_coupons(session, open_requests) if open_requests else None
+    for coupon_id in issued.sold_out if issued else ():
+        effects.later[sold_out_key(coupon_id)] = functools.partial(
+            remember_sold_out, coupon_id=coupon_id
+        )
+    fresh = iter(issued.outcomes if issued else [])
+    outcomes: list[Outcome] = []
+    for r, known in zip(requests, settled, strict=True):
+        outcome = known if known is not None else next(fresh)
+        if isinstance(outcome, IssuedCoupon):
+            outcomes.append(
+                {"couponId": r.coupon_id, "userId": r.user_id, "userCouponId": outcome.id}
+            )
+        else:
+            outcomes.append(outcome)
+    return outcomes

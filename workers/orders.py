@@ -1,23 +1,21 @@
-"""Order creation, on the partition of the order's smallest product id."""
+"""Order jobs: what an ORDER_CREATE job asks and answers.
+
+Orders are applied on the partition of their smallest product id, together with
+that partition's stock sets (``workers.products``), because both change stock.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.orm import Session
-
-from shared.domain.orders import LineRequest, create_order
-from shared.jobs import JobKind
+from shared.domain.inventory import LineRequest, OrderRequest, PlacedOrder
 from shared.models import Job
-from workers.base import Effects, Runtime, handles
 
 
-@handles(JobKind.ORDER_CREATE)
-def apply_order_create(
-    _rt: Runtime, session: Session, job: Job, effects: Effects
-) -> dict[str, Any]:
+def order_request(job: Job) -> OrderRequest:
     lines = [LineRequest(line["productId"], line["quantity"]) for line in job.payload["orderLines"]]
-    order = create_order(session, job.payload["userId"], lines, job_id=job.id)
-    effects.products.update(line.product_id for line in lines)
-    effects.history = True
-    return {"orderId": order.id, "status": order.status}
+    return OrderRequest(job.payload["userId"], lines, job.id)
+
+
+def order_result(placed: PlacedOrder) -> dict[str, Any]:
+    return {"orderId": placed.id, "status": placed.status}

@@ -1,30 +1,28 @@
-"""Points jobs, on the user's partition."""
+"""Points jobs (charges and uses), on the user's partition."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy.orm import Session
 
-from shared.domain.points import Balance, charge_points, use_points
+from shared.domain.errors import DomainError
+from shared.domain.points import PointChange, PointRequest, apply_point_requests
 from shared.jobs import JobKind
 from shared.models import Job
-from workers.base import Effects, Runtime, handles
+from shared.partitions import PartitionKind
+from workers.base import Effects, Outcome, Runtime, handles
+
+_CHANGE = {JobKind.POINTS_CHARGE: PointChange.CHARGE, JobKind.POINTS_USE: PointChange.USE}
 
 
-def _result(balance: Balance) -> dict[str, Any]:
-    return {"userId": balance.user_id, "amount": balance.amount}
-
-
-@handles(JobKind.POINTS_CHARGE)
-def apply_points_charge(
-    _rt: Runtime, session: Session, job: Job, _effects: Effects
-) -> dict[str, Any]:
-    payload = job.payload
-    return _result(charge_points(session, payload["userId"], payload["amount"], job_id=job.id))
-
-
-@handles(JobKind.POINTS_USE)
-def apply_points_use(_rt: Runtime, session: Session, job: Job, _effects: Effects) -> dict[str, Any]:
-    payload = job.payload
-    return _result(use_points(session, payload["userId"], payload["amount"], job_id=job.id))
+@handles(PartitionKind.USER)
+def apply_point_jobs(
+    _rt: Runtime, session: Session, jobs: list[Job], _effects: Effects
+) -> list[Outcome]:
+    requests = [
+        PointRequest(j.payload["userId"], _CHANGE[JobKind(j.kind)], j.payload["amount"], j.id)
+        for j in jobs
+    ]
+    return [
+        o if isinstance(o, DomainError) else {"userId": o.user_id, "amount": o.amount}
+        for o in apply_point_requests(session, requests)
+    ]

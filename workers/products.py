@@ -1,19 +1,28 @@
-"""Stock changes, on the product's partition."""
+"""The product partition: stock sets and orders, applied in arrival order."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy.orm import Session
 
-from shared.domain.products import product_document, set_stock
+from shared.domain.inventory import InventoryRequest, PlacedOrder, StockSet, apply_inventory
 from shared.jobs import JobKind
 from shared.models import Job
-from workers.base import Effects, Runtime, handles
+from shared.partitions import PartitionKind
+from workers.base import Effects, Outcome, Runtime, handles
+from workers.orders import order_request, order_result
 
 
-@handles(JobKind.STOCK_SET)
-def apply_stock_set(_rt: Runtime, session: Session, job: Job, effects: Effects) -> dict[str, Any]:
-    product = set_stock(session, job.payload["productId"], job.payload["stock"])
-    effects.products.add(product.id)
-    return product_document(product)
+def _request(job: Job) -> InventoryRequest:
+    if JobKind(job.kind) is JobKind.STOCK_SET:
+        return StockSet(job.payload["productId"], job.payload["stock"])
+    return order_request(job)
+
+
+@handles(PartitionKind.PRODUCT)
+def apply_product_jobs(
+    _rt: Runtime, session: Session, jobs: list[Job], effects: Effects
+) -> list[Outcome]:
+    applied = apply_inventory(session, [_request(j) for j in jobs])
+    effects.products |= applied.changed_products
+    effects.history |= applied.orders_placed
+    return [order_result(o) if isinstance(o, PlacedOrder) else o for o in applied.outcomes]

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from sqlalchemy import exists, func, select, update
+from dataclasses import dataclass
+from typing import cast
+
+from sqlalchemy import Table, bindparam, exists, func, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from shared.domain.errors import CouponAlreadyIssued, CouponNotFound, CouponSoldOut, NotFound
+from shared.domain.errors import (
+    CouponAlreadyIssued,
+    CouponNotFound,
+    CouponSoldOut,
+    DomainError,
+    NotFound,
+    unwrap,
+)
 from shared.models import Coupon, UserCoupon
 
 
@@ -27,33 +38,109 @@ def get_coupon(session: Session, coupon_id: int) -> Coupon:
     return coupon
 
 
-def issue_coupon(session: Session, coupon_id: int, user_id: int) -> UserCoupon:
-    """Give the user one coupon while any remain.
+@dataclass(frozen=True)
+class IssueRequest:
+    coupon_id: int
+    user_id: int
 
-    Precedence per API.md: not found, then already issued, then sold out.  The
-    count is a guarded ``issued_quantity < total_quantity`` UPDATE, backed by
+
+@dataclass(frozen=True)
+class IssuedCoupon:
+    id: int  # the userCouponId
+    coupon_id: int
+    user_id: int
+
+
+@dataclass(frozen=True)
+class IssueOutcomes:
+    outcomes: list[IssuedCoupon | DomainError]
+    sold_out: set[int]  # coupons of the batch with none left afterwards
+
+
+_coupons = cast(Table, Coupon.__table__)  # Core UPDATE with executemany parameters
+_COUNT_ISSUED = (
+    update(_coupons)
+    .where(
+        _coupons.c.id == bindparam("cid"),
+        _coupons.c.issued_quantity + bindparam("n") <= _coupons.c.total_quantity,
+    )
+    .values(issued_quantity=_coupons.c.issued_quantity + bindparam("n"))
+)
+
+
+def issue_coupons(session: Session, requests: list[IssueRequest]) -> IssueOutcomes:
+    """Issue coupons in arrival order; one outcome per request.
+
+    The coupons are locked ``FOR UPDATE`` (ascending id) and their current holders
+    read before anything is decided.  Precedence per API.md: not found, then
+    already issued, then sold out.  Each coupon's count is then raised once by a
+    guarded ``issued_quantity + n <= total_quantity`` UPDATE, backed by
     ``ck_coupons_not_over_issued``; one per user is ``uq_user_coupons_coupon_id_user_id``.
-    Raises ``CouponNotFound``, ``CouponAlreadyIssued``, ``CouponSoldOut``.
+    Refusals: ``CouponNotFound``, ``CouponAlreadyIssued``, ``CouponSoldOut``.
     """
-    found = session.execute(
-        select(Coupon.id).where(Coupon.id == coupon_id).with_for_update()
-    ).scalar_one_or_none()
-    if found is None:
-        raise CouponNotFound(f"coupon {coupon_id} does not exist")
-    if holds_coupon(session, coupon_id, user_id):
-        raise CouponAlreadyIssued(f"user {user_id} already holds coupon {coupon_id}")
-    counted = session.execute(
-        update(Coupon)
-        .where(Coupon.id == coupon_id, Coupon.issued_quantity < Coupon.total_quantity)
-        .values(issued_quantity=Coupon.issued_quantity + 1)
-        .returning(Coupon.id)
-    ).scalar_one_or_none()
-    if counted is None:
-        raise CouponSoldOut(f"coupon {coupon_id} is sold out")
-    user_coupon = UserCoupon(coupon_id=coupon_id, user_id=user_id)
-    session.add(user_coupon)
-    session.flush()  # to obtain the userCouponId for the job result
-    return user_coupon
+    coupon_ids = sorted({r.coupon_id for r in requests})
+    remaining: dict[int, int] = dict(
+        session.execute(
+            select(Coupon.id, Coupon.total_quantity - Coupon.issued_quantity)
+            .where(Coupon.id.in_(coupon_ids))
+            .order_by(Coupon.id)
+            .with_for_update()
+        ).all()
+    )
+    holders = set(
+        session.execute(
+            select(UserCoupon.coupon_id, UserCoupon.user_id).where(
+                UserCoupon.coupon_id.in_(list(remaining)),
+                UserCoupon.user_id.in_(sorted({r.user_id for r in requests})),
+            )
+        ).tuples()
+    )
+    decided: list[IssueRequest | DomainError] = []
+    issued: dict[int, int] = {}
+    for r in requests:
+        if r.coupon_id not in remaining:
+            decided.append(CouponNotFound(f"coupon {r.coupon_id} does not exist"))
+        elif (r.coupon_id, r.user_id) in holders:
+            decided.append(
+                CouponAlreadyIssued(f"user {r.user_id} already holds coupon {r.coupon_id}")
+            )
+        elif remaining[r.coupon_id] <= 0:
+            decided.append(CouponSoldOut(f"coupon {r.coupon_id} is sold out"))
+        else:
+            holders.add((r.coupon_id, r.user_id))
+            remaining[r.coupon_id] -= 1
+            issued[r.coupon_id] = issued.get(r.coupon_id, 0) + 1
+            decided.append(r)
+    ids: dict[tuple[int, int], int] = {}
+    new_rows = [
+        {"coupon_id": d.coupon_id, "user_id": d.user_id}
+        for d in decided
+        if isinstance(d, IssueRequest)
+    ]
+    if new_rows:
+        for coupon_id, n in sorted(issued.items()):
+            if session.execute(_COUNT_ISSUED, {"cid": coupon_id, "n": n}).rowcount != 1:  # type: ignore[attr-defined]
+                raise RuntimeError(f"coupon {coupon_id} count guard refused {n} more")
+        ids = {
+            (c, u): i
+            for c, u, i in session.execute(
+                insert(UserCoupon)
+                .values(new_rows)
+                .returning(UserCoupon.coupon_id, UserCoupon.user_id, UserCoupon.id)
+            ).tuples()
+        }
+    outcomes: list[IssuedCoupon | DomainError] = [
+        IssuedCoupon(ids[(d.coupon_id, d.user_id)], d.coupon_id, d.user_id)
+        if isinstance(d, IssueRequest)
+        else d
+        for d in decided
+    ]
+    return IssueOutcomes(outcomes, {c for c in coupon_ids if c in remaining and remaining[c] <= 0})
+
+
+def issue_coupon(session: Session, coupon_id: int, user_id: int) -> IssuedCoupon:
+    """Give the user one coupon while any remain.  Raises as ``issue_coupons`` refuses."""
+    return unwrap(issue_coupons(session, [IssueRequest(coupon_id, user_id)]).outcomes[0])
 
 
 def holds_coupon(session: Session, coupon_id: int, user_id: int) -> bool:

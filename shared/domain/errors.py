@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import TypeVar
 
 
 class ErrorCode(enum.StrEnum):
@@ -72,3 +73,13 @@ class CouponNotFound(DomainError):
 
 class OrderStateConflict(DomainError):
     code = ErrorCode.ORDER_STATE_CONFLICT
+
+
+T = TypeVar("T")
+
+
+def unwrap(outcome: T | DomainError) -> T:
+    """The value of a one-item batch outcome, or raise its failure."""
+    if isinstance(outcome, DomainError):
+        raise outcome
+    return outcome

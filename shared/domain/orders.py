@@ -1,16 +1,14 @@
-"""Orders: all lines or nothing, a strict state machine, stock back exactly once."""
+"""Orders: a strict state machine, stock back exactly once (placing orders: ``inventory``)."""
 
 from __future__ import annotations
 
 import enum
-import uuid
-from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from shared.domain.errors import InsufficientStock, NotFound, OrderStateConflict, ProductNotFound
-from shared.domain.products import lock_products, return_stock, take_stock
+from shared.domain.errors import NotFound, OrderStateConflict
+from shared.domain.products import return_stock
 from shared.models import Order, OrderHistory, OrderLine, Outbox
 
 
@@ -27,52 +25,6 @@ ALLOWED_MOVES: dict[OrderStatus, frozenset[OrderStatus]] = {
     OrderStatus.COMPLETED: frozenset(),
     OrderStatus.FAILED: frozenset(),
 }
-
-
-@dataclass(frozen=True)
-class LineRequest:
-    product_id: int
-    quantity: int
-
-
-def create_order(
-    session: Session, user_id: int, lines: list[LineRequest], *, job_id: uuid.UUID | None = None
-) -> Order:
-    """Take stock for every line and record the order READY, or change nothing.
-
-    Products are locked in ascending id order; each line is a guarded
-    ``stock >= quantity`` UPDATE.  ``PRODUCT_NOT_FOUND`` is checked for every line
-    before any stock, so it beats ``INSUFFICIENT_STOCK``.  The caller runs this in
-    a savepoint so that a raise undoes the lines already taken.
-    Raises ``ProductNotFound``, ``InsufficientStock``.
-    """
-    wanted = sorted(lines, key=lambda line: line.product_id)
-    products = lock_products(session, [line.product_id for line in wanted])
-    missing = [line.product_id for line in wanted if line.product_id not in products]
-    if missing:
-        raise ProductNotFound(f"product {missing[0]} does not exist")
-    for line in wanted:
-        if not take_stock(session, line.product_id, line.quantity):
-            raise InsufficientStock(
-                f"product {line.product_id} has fewer than {line.quantity} in stock"
-            )
-    total = sum(products[line.product_id].price * line.quantity for line in wanted)
-    order = Order(user_id=user_id, status=OrderStatus.READY.value, total_price=total, job_id=job_id)
-    session.add(order)
-    session.flush()  # to obtain the order id for its lines and outbox row
-    session.add_all(
-        OrderLine(
-            order_id=order.id,
-            product_id=line.product_id,
-            quantity=line.quantity,
-            unit_price=products[line.product_id].price,
-        )
-        for line in wanted
-    )
-    session.add(Outbox(order_id=order.id, status=OrderStatus.READY.value))
-    session.flush()
-    session.refresh(order)
-    return order
 
 
 def get_order(session: Session, order_id: int) -> tuple[Order, list[OrderLine]]:

@@ -1,16 +1,24 @@
-"""Points: a prepaid balance per user, never negative, never above 10,000,000."""
+"""Points: a prepaid balance per user, never negative, never above 10,000,000.
+
+Changes are applied in batches (ARCHITECTURE rule 6): the users' rows are locked
+once, every change is decided in arrival order against the locked balances, and
+each user's row is written once with the net delta.  Writing a row once per batch
+instead of once per change matters: PostgreSQL slows down on a row updated
+hundreds of times in one transaction (each update adds a tuple version to walk).
+"""
 
 from __future__ import annotations
 
 import enum
 import uuid
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from shared.domain.errors import InsufficientPoints, PointLimitExceeded
+from shared.domain.errors import DomainError, InsufficientPoints, PointLimitExceeded, unwrap
 from shared.models import MAX_BALANCE, PointBalance, PointHistory
 
 
@@ -20,86 +28,114 @@ class PointChange(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class PointRequest:
+    user_id: int
+    change: PointChange
+    amount: int
+    job_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
 class Balance:
     user_id: int
     amount: int
 
 
+_points = cast(Table, PointBalance.__table__)  # Core UPDATE with executemany parameters
+_ADD_DELTA = (
+    update(_points)
+    .where(_points.c.user_id == bindparam("u"))
+    .values(balance=_points.c.balance + bindparam("delta"), updated_at=func.now())
+)
+
+
+def apply_point_requests(
+    session: Session, requests: list[PointRequest]
+) -> list[Balance | DomainError]:
+    """Apply charges and uses in order; one outcome per request, each a new balance or a refusal.
+
+    The rows are locked ``FOR UPDATE`` (ascending user id) before anything is
+    decided, so the balances cannot change underneath; each row then gets its net
+    delta, and ``ck_points_balance_non_negative`` / ``ck_points_balance_at_most_limit``
+    refuse on their own whatever this code decided.  One history row per applied
+    change.  Refusals: ``PointLimitExceeded`` (a balance would pass 10,000,000),
+    ``InsufficientPoints`` (including a user never charged).
+    """
+    charged = sorted({r.user_id for r in requests if r.change is PointChange.CHARGE})
+    if charged:
+        session.execute(
+            insert(PointBalance)
+            .values([{"user_id": u, "balance": 0} for u in charged])
+            .on_conflict_do_nothing()
+        )
+    users = sorted({r.user_id for r in requests})
+    start: dict[int, int] = dict(
+        session.execute(
+            select(PointBalance.user_id, PointBalance.balance)
+            .where(PointBalance.user_id.in_(users))
+            .order_by(PointBalance.user_id)
+            .with_for_update()
+        ).all()
+    )
+    balances = dict(start)
+    outcomes: list[Balance | DomainError] = []
+    histories: list[dict[str, object]] = []
+    for r in requests:
+        current = balances.get(r.user_id, 0)
+        if r.change is PointChange.CHARGE:
+            new = current + r.amount
+            if new > MAX_BALANCE:
+                outcomes.append(
+                    PointLimitExceeded(f"a balance may not exceed {MAX_BALANCE:,} points")
+                )
+                continue
+        else:
+            new = current - r.amount
+            if new < 0:
+                outcomes.append(
+                    InsufficientPoints(f"user {r.user_id} has fewer than {r.amount} points")
+                )
+                continue
+        balances[r.user_id] = new
+        histories.append(
+            {
+                "user_id": r.user_id,
+                "type": r.change.value,
+                "amount": r.amount,
+                "balance_after": new,
+                "job_id": r.job_id,
+            }
+        )
+        outcomes.append(Balance(r.user_id, new))
+    deltas = [
+        {"u": u, "delta": balances[u] - start[u]}
+        for u in users
+        if balances.get(u, 0) != start.get(u, 0)
+    ]
+    if deltas:
+        session.execute(_ADD_DELTA, deltas)
+    if histories:
+        session.execute(insert(PointHistory), histories)
+    return outcomes
+
+
 def charge_points(
     session: Session, user_id: int, amount: int, *, job_id: uuid.UUID | None = None
 ) -> Balance:
-    """Add ``amount`` to the user's balance and write one history row.
-
-    Guarded in SQL (rule 2): the UPDATE only matches while the new balance stays
-    within ``MAX_BALANCE``, and ``ck_points_balance_at_most_limit`` backs it up.
-    Raises ``PointLimitExceeded``.
-    """
-    session.execute(
-        insert(PointBalance).values(user_id=user_id, balance=0).on_conflict_do_nothing()
+    """Add ``amount`` to the user's balance.  Raises ``PointLimitExceeded``."""
+    return unwrap(
+        apply_point_requests(session, [PointRequest(user_id, PointChange.CHARGE, amount, job_id)])[
+            0
+        ]
     )
-    new_balance = session.execute(
-        update(PointBalance)
-        .where(PointBalance.user_id == user_id, PointBalance.balance + amount <= MAX_BALANCE)
-        .values(balance=PointBalance.balance + amount, updated_at=func.now())
-        .returning(PointBalance.balance)
-    ).scalar_one_or_none()
-    if new_balance is None:
-        raise PointLimitExceeded(f"a balance may not exceed {MAX_BALANCE:,} points")
-    _write_history(
-        session,
-        user_id=user_id,
-        change=PointChange.CHARGE,
-        amount=amount,
-        balance_after=new_balance,
-        job_id=job_id,
-    )
-    return Balance(user_id, new_balance)
 
 
 def use_points(
     session: Session, user_id: int, amount: int, *, job_id: uuid.UUID | None = None
 ) -> Balance:
-    """Take ``amount`` from the user's balance and write one history row.
-
-    Guarded by ``balance >= amount`` in the UPDATE and ``ck_points_balance_non_negative``.
-    Raises ``InsufficientPoints`` (also for a user never charged).
-    """
-    new_balance = session.execute(
-        update(PointBalance)
-        .where(PointBalance.user_id == user_id, PointBalance.balance >= amount)
-        .values(balance=PointBalance.balance - amount, updated_at=func.now())
-        .returning(PointBalance.balance)
-    ).scalar_one_or_none()
-    if new_balance is None:
-        raise InsufficientPoints(f"user {user_id} has fewer than {amount} points")
-    _write_history(
-        session,
-        user_id=user_id,
-        change=PointChange.USE,
-        amount=amount,
-        balance_after=new_balance,
-        job_id=job_id,
-    )
-    return Balance(user_id, new_balance)
-
-
-def _write_history(
-    session: Session,
-    *,
-    user_id: int,
-    change: PointChange,
-    amount: int,
-    balance_after: int,
-    job_id: uuid.UUID | None,
-) -> None:
-    session.execute(
-        insert(PointHistory).values(
-            user_id=user_id,
-            type=change.value,
-            amount=amount,
-            balance_after=balance_after,
-            job_id=job_id,
-        )
+    """Take ``amount`` from the user's balance.  Raises ``InsufficientPoints``."""
+    return unwrap(
+        apply_point_requests(session, [PointRequest(user_id, PointChange.USE, amount, job_id)])[0]
     )
 
 

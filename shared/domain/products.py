@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from shared.domain.errors import NotFound, ProductNotFound
+from shared.domain.errors import NotFound
 from shared.formats import rfc3339
 from shared.models import Product
 
@@ -104,19 +104,6 @@ def list_products(session: Session, query: ProductQuery) -> tuple[list[Product],
     return list(rows), int(total)
 
 
-def set_stock(session: Session, product_id: int, stock: int) -> Product:
-    """Set the product's stock to ``stock``.  Raises ``ProductNotFound``."""
-    product = session.execute(
-        update(Product)
-        .where(Product.id == product_id)
-        .values(stock=stock, version=Product.version + 1, updated_at=func.now())
-        .returning(Product)
-    ).scalar_one_or_none()
-    if product is None:
-        raise ProductNotFound(f"product {product_id} does not exist")
-    return product
-
-
 def lock_products(session: Session, product_ids: list[int]) -> dict[int, Product]:
     """Lock the products ``FOR UPDATE`` in ascending id order (deadlock-free, rule 2)."""
     rows = session.execute(
@@ -126,17 +113,6 @@ def lock_products(session: Session, product_ids: list[int]) -> dict[int, Product
         .with_for_update()
     ).scalars()
     return {p.id: p for p in rows}
-
-
-def take_stock(session: Session, product_id: int, quantity: int) -> bool:
-    """``stock -= quantity`` only while ``stock >= quantity``; False when it is not."""
-    taken = session.execute(
-        update(Product)
-        .where(Product.id == product_id, Product.stock >= quantity)
-        .values(stock=Product.stock - quantity, version=Product.version + 1, updated_at=func.now())
-        .returning(Product.id)
-    ).scalar_one_or_none()
-    return taken is not None
 
 
 def return_stock(session: Session, product_id: int, quantity: int) -> None:

@@ -32,7 +32,7 @@ from shared.domain.points import get_balance
 from shared.domain.products import create_product, get_product, product_document
 from shared.jobs import FINISHED_CHANNEL, JobKind, JobStatus, lock_partition, record, wake_key
 from shared.models import Job, PointHistory, Product, UserCoupon
-from shared.partitions import HISTORY_QUEUE
+from shared.partitions import HISTORY_QUEUE, PartitionKind
 from workers.base import (
     HANDLERS,
     Effects,
@@ -42,6 +42,7 @@ from workers.base import (
     drain_partition,
     is_transient,
 )
+from workers.base import Outcome as BatchOutcome
 from workers.history import drain_outbox
 
 
@@ -300,16 +301,18 @@ POISON = 13
 
 @pytest.fixture
 def poisoned_charge(monkeypatch: pytest.MonkeyPatch) -> None:
-    """POINTS_CHARGE of ``POISON`` points applies its change, then fails unexpectedly."""
-    original = HANDLERS[JobKind.POINTS_CHARGE]
+    """A batch holding a POINTS_CHARGE of ``POISON`` points applies its changes, then fails."""
+    original = HANDLERS[PartitionKind.USER]
 
-    def poisoned(rt: Runtime, session: Session, job: Job, effects: Effects) -> dict[str, Any]:
-        result = original(rt, session, job, effects)
-        if job.payload["amount"] == POISON:
+    def poisoned(
+        rt: Runtime, session: Session, jobs: list[Job], effects: Effects
+    ) -> list[BatchOutcome]:
+        outcomes = original(rt, session, jobs, effects)
+        if any(job.payload["amount"] == POISON for job in jobs):
             raise RuntimeError("poison message")
-        return result
+        return outcomes
 
-    monkeypatch.setitem(HANDLERS, JobKind.POINTS_CHARGE, poisoned)
+    monkeypatch.setitem(HANDLERS, PartitionKind.USER, poisoned)
 
 
 @pytest.mark.usefixtures("poisoned_charge")

@@ -10,11 +10,10 @@ from sqlalchemy.orm import Session
 
 from shared.domain.errors import NotFound
 from shared.domain.history import has_undelivered_outbox, record_histories_from_outbox
+from shared.domain.inventory import LineRequest, create_order
 from shared.domain.orders import (
-    LineRequest,
     OrderStatus,
     change_order_status,
-    create_order,
     list_order_histories,
 )
 from shared.domain.products import create_product

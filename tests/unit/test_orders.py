@@ -15,11 +15,10 @@ from shared.domain.errors import (
     OrderStateConflict,
     ProductNotFound,
 )
+from shared.domain.inventory import LineRequest, create_order
 from shared.domain.orders import (
-    LineRequest,
     OrderStatus,
     change_order_status,
-    create_order,
     get_order,
 )
 from shared.domain.products import create_product, get_product

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.domain.errors import ErrorCode, NotFound, ProductNotFound
+from shared.domain.inventory import set_stock
 from shared.domain.products import (
     ProductQuery,
     ProductSort,
@@ -21,8 +22,6 @@ from shared.domain.products import (
     list_products,
     product_document,
     return_stock,
-    set_stock,
-    take_stock,
 )
 from shared.models import Product
 
@@ -199,23 +198,9 @@ def test_set_stock_of_unknown_product_is_product_not_found(db_session: Session) 
     assert caught.value.code is ErrorCode.PRODUCT_NOT_FOUND
 
 
-def test_take_stock_is_guarded_by_the_stock_left(db_session: Session) -> None:
-    product = create_product(db_session, name="Chair", price=10, stock=5)
-    assert take_stock(db_session, product.id, 3) is True
-    assert take_stock(db_session, product.id, 3) is False
-    db_session.expire_all()
-    assert get_product(db_session, product.id).stock == 2
-    assert take_stock(db_session, product.id, 2) is True
-    db_session.expire_all()
-    taken = get_product(db_session, product.id)
-    assert taken.stock == 0
-    assert taken.version == 3  # two successful takes, the refused one changed nothing
-    assert take_stock(db_session, 2**63 - 1, 1) is False
-
-
 def test_return_stock_adds_back(db_session: Session) -> None:
     product = create_product(db_session, name="Sofa", price=10, stock=1)
-    assert take_stock(db_session, product.id, 1)
+    set_stock(db_session, product.id, 0)
     return_stock(db_session, product.id, 4)
     db_session.expire_all()
     assert get_product(db_session, product.id).stock == 4
@@ -224,7 +209,7 @@ def test_return_stock_adds_back(db_session: Session) -> None:
 def test_get_products_reads_current_rows(db_session: Session) -> None:
     a = create_product(db_session, name="A", price=1, stock=1)
     b = create_product(db_session, name="B", price=1, stock=1)
-    assert take_stock(db_session, a.id, 1)
+    set_stock(db_session, a.id, 0)
     fresh = {p.id: p.stock for p in get_products(db_session, [a.id, b.id, 2**63 - 1])}
     assert fresh == {a.id: 0, b.id: 1}
     assert get_products(db_session, []) == []
