@@ -54,6 +54,9 @@ class ProductCache:
         self._set_if_newer = client.register_script(_SET_IF_NEWER)
         self._down_until = 0.0
         self._lock = threading.Lock()
+        # Writes that did not reach Redis: those entries and the listings may be stale.
+        self._dirty: set[int] = set()
+        self._listings_dirty = False
 
     def _available(self) -> bool:
         return time.monotonic() >= self._down_until
@@ -80,6 +83,7 @@ class ProductCache:
         return doc
 
     def put_product(self, doc: dict[str, Any], version: int) -> None:
+        """A reader's fill after a miss (refused if a newer version is stored)."""
         if not self._available():
             return
         value = json.dumps({"v": version, "doc": doc}, separators=(",", ":"))
@@ -88,16 +92,43 @@ class ProductCache:
         except redis.RedisError as exc:
             self._failed(exc)
 
+    def refresh_product(self, doc: dict[str, Any], version: int) -> None:
+        """A writer's store after the commit that made ``version``."""
+        value = json.dumps({"v": version, "doc": doc}, separators=(",", ":"))
+        self._write(int(doc["id"]), value, version)
+
     def mark_pending(self, product_id: int, version: int) -> None:
         """Before a commit that brings the product to ``version``: make readers miss until
         the document of that version is stored (fills of older versions are refused)."""
-        if not self._available():
-            return
         value = json.dumps({"v": version, "pending": True}, separators=(",", ":"))
-        try:
-            self._set_if_newer(keys=[product_key(product_id)], args=[value, version, self._ttl])
-        except redis.RedisError as exc:
-            self._failed(exc)
+        self._write(product_id, value, version)
+
+    def _write(self, product_id: int, value: str, version: int) -> None:
+        """A writer's change.  If it cannot be made, the entry may now be stale: it is
+        remembered and deleted at the next write that reaches Redis."""
+        if self._available():
+            try:
+                self._repair()
+                self._set_if_newer(keys=[product_key(product_id)], args=[value, version, self._ttl])
+            except redis.RedisError as exc:
+                self._failed(exc)
+            else:
+                return
+        with self._lock:
+            self._dirty.add(product_id)
+
+    def _repair(self) -> None:
+        with self._lock:
+            dirty, listings = set(self._dirty), self._listings_dirty
+        if not dirty and not listings:
+            return
+        if dirty:
+            self._client.delete(*[product_key(i) for i in dirty])
+        self._client.incr(LISTING_GENERATION_KEY)
+        with self._lock:
+            self._dirty -= dirty
+            self._listings_dirty = False
+        log.info("product cache repaired: %d entries dropped", len(dirty))
 
     def listing_generation(self) -> int | None:
         if not self._available():
@@ -133,9 +164,12 @@ class ProductCache:
     def invalidate_listings(self) -> None:
         """Every cached listing page becomes unreachable (their keys embed the generation)."""
         try:
+            self._repair()
             self._client.incr(LISTING_GENERATION_KEY)
         except redis.RedisError as exc:
             self._failed(exc)
+            with self._lock:
+                self._listings_dirty = True
 
 
 def make_redis(url: str, *, timeout: float | None = 1.0) -> redis.Redis:

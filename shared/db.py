@@ -18,9 +18,18 @@ ISOLATION_LEVEL = "READ COMMITTED"
 
 
 def make_engine(
-    settings: Settings, *, url: str | None = None, pool_size: int | None = None
+    settings: Settings,
+    *,
+    url: str | None = None,
+    pool_size: int | None = None,
+    pre_ping: bool = True,
 ) -> Engine:
-    """The process's engine for the primary (or ``url``, e.g. the replica)."""
+    """The process's engine for the primary (or ``url``, e.g. the replica).
+
+    ``pre_ping`` costs a round trip per checkout: workers keep it (one per batch);
+    web turns it off, because a dead connection already fails that one request as
+    a 503 and SQLAlchemy then invalidates the pool's older connections.
+    """
     options = (
         f"-c statement_timeout={settings.db_statement_timeout_ms}"
         f" -c lock_timeout={settings.db_lock_timeout_ms}"
@@ -31,7 +40,7 @@ def make_engine(
         isolation_level=ISOLATION_LEVEL,
         pool_size=pool_size or settings.db_pool_size,
         max_overflow=settings.db_pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_recycle=1800,
         connect_args={
             "connect_timeout": settings.db_connect_timeout_seconds,

@@ -113,9 +113,8 @@ def record(
     key, then the existing row is returned if its fingerprint matches, else
     ``IdempotencyKeyReused`` is raised.
     """
-    job_id = uuid.uuid4()
     values = {
-        "id": job_id,
+        "id": uuid.uuid4(),
         "kind": kind.value,
         "partition": partition_for_job(kind, payload, partitions),
         "payload": payload,
@@ -125,7 +124,7 @@ def record(
     stmt = insert(Job).values(**values)
     if idempotency_scope is not None:
         stmt = stmt.on_conflict_do_nothing(index_elements=["idempotency_key"])
-    inserted = session.execute(stmt.returning(Job.id)).scalar_one_or_none()
+    inserted = session.scalars(stmt.returning(Job)).one_or_none()
     if inserted is None:
         existing = session.execute(
             select(Job).where(Job.idempotency_key == idempotency_scope)
@@ -133,7 +132,7 @@ def record(
         if existing.request_hash != request_hash:
             raise IdempotencyKeyReused(idempotency_scope)
         return Recorded(existing, created=False)
-    return Recorded(session.get_one(Job, job_id), created=True)
+    return Recorded(inserted, created=True)
 
 
 def get_job(session: Session, job_id: uuid.UUID) -> Job | None:

@@ -35,12 +35,14 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider option
     app.url_map.strict_slashes = False
+    # No implicit OPTIONS answers (an empty text/html 200): OPTIONS is a JSON 405 with Allow.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["settings"] = settings
 
     if session_factory is None:
-        session_factory = make_session_factory(make_engine(settings))
+        session_factory = make_session_factory(make_engine(settings, pre_ping=False))
         if settings.database_replica_url:
-            replica = make_engine(settings, url=settings.database_replica_url)
+            replica = make_engine(settings, url=settings.database_replica_url, pre_ping=False)
             app.extensions["replica_session_factory"] = make_session_factory(replica)
     app.extensions["session_factory"] = session_factory
 
@@ -70,7 +72,8 @@ def _install_rate_limit(app: Flask, settings: Settings) -> None:
         # The limiter is a guard, not a dependency: with Redis down, requests pass.
         swallow_errors=True,
     )
-    app.extensions["job_rate_limit"] = limiter.limit(
+    # One allowance per client address across every customer job POST (API.md, Access).
+    app.extensions["job_rate_limit"] = limiter.shared_limit(
         settings.rate_limit if settings.rate_limit_enabled else "1000000/second",
         scope="customer-jobs",
         key_func=get_remote_address,

@@ -18,6 +18,7 @@ from web.errors import validation_error
 from web.publish import Publisher, accept_job
 from web.render import order_view, render
 from web.schemas import (
+    ErrorBody,
     JobAccepted,
     OrderCreate,
     OrderHistoryItem,
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 bp = Blueprint("orders", __name__, url_prefix="/v1/orders")
 
 _IF_MATCH = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
+IF_MATCH_HEADER = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "description": "The version the change is based on (bare or quoted); stale: 409",
+    "schema": {"type": "string", "pattern": '^ *(?:[0-9]{1,18}|"[0-9]{1,18}") *$'},
+}
 
 
 @operation(
@@ -79,8 +87,9 @@ def _expected_version() -> int | None:
     "PUT",
     summary="Move an order to another state (admin); 409 on a stale version or forbidden move",
     query=StatusQuery,
-    responses={200: OrderStatusView},
+    responses={200: OrderStatusView, 409: ErrorBody},
     admin=True,
+    header_parameters=(IF_MATCH_HEADER,),
 )
 def put_order_status(order_id: int, query: StatusQuery) -> Response:
     expected = _expected_version()
@@ -101,7 +110,7 @@ def _after_status_change(restocked: list[int]) -> None:
     cache: ProductCache = current_app.extensions["product_cache"]
     if restocked:
         for product in get_products(db_session(), restocked):
-            cache.put_product(product_document(product), product.version)
+            cache.refresh_product(product_document(product), product.version)
         cache.invalidate_listings()
     publisher: Publisher = current_app.extensions["publisher"]
     try:

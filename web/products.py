@@ -52,7 +52,7 @@ def post_product(body: ProductCreate) -> Response:
     product = create_product(session, name=body.name, price=body.price, stock=body.stock)
     session.commit()
     document = product_document(product)
-    _cache().put_product(document, product.version)
+    _cache().refresh_product(document, product.version)
     _cache().invalidate_listings()
     response = jsonify(document)
     response.status_code = 201

@@ -234,7 +234,7 @@ def after_commit(rt: Runtime, effects: Effects) -> None:
         try:
             with rt.session_factory() as session:
                 for product in get_products(session, sorted(effects.products)):
-                    rt.cache.put_product(product_document(product), product.version)
+                    rt.cache.refresh_product(product_document(product), product.version)
             rt.cache.invalidate_listings()
         except Exception:
             log.exception("product cache refresh failed")
