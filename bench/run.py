@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -55,9 +56,21 @@ class Row:
     note: str = ""
 
 
-def wrk(url: str, script: str, seconds: int, env: dict[str, str], connections: int = 64) -> dict[str, Any]:
+def wrk(
+    url: str, script: str, seconds: int, env: dict[str, str], connections: int = 64
+) -> dict[str, Any]:
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(HERE / "wrk" / script), url],
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(HERE / "wrk" / script),
+            url,
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, **env},
@@ -81,7 +94,9 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer")
 
 
-def gunicorn(app: str, port: int, env: dict[str, str], args: list[str], log: Path) -> subprocess.Popen[bytes]:
+def gunicorn(
+    app: str, port: int, env: dict[str, str], args: list[str], log: Path
+) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [str(BIN / "gunicorn"), app, "--bind", f"127.0.0.1:{port}", *args],
         cwd=ROOT,
@@ -108,14 +123,25 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def ceiling_http(seconds: int, log_dir: Path) -> Row:
     port = free_port()
-    proc = gunicorn("bench.ceiling_app:app", port, {}, ["--worker-class", "gthread", "--workers", "2",
-                                                         "--threads", "32"], log_dir / "ceiling.log")
+    proc = gunicorn(
+        "bench.ceiling_app:app",
+        port,
+        {},
+        ["--worker-class", "gthread", "--workers", "2", "--threads", "32"],
+        log_dir / "ceiling.log",
+    )
     try:
         stats = wrk(f"http://127.0.0.1:{port}", "get.lua", seconds, {"WRK_PATH": "/empty"})
     finally:
         stop(proc)
-    return Row("ceiling: empty route", "gunicorn+Flask", stats["per_s"], stats["p50_us"] / 1e3,
-               stats["p99_us"] / 1e3, non2xx=stats["non2xx"])
+    return Row(
+        "ceiling: empty route",
+        "gunicorn+Flask",
+        stats["per_s"],
+        stats["p50_us"] / 1e3,
+        stats["p99_us"] / 1e3,
+        non2xx=stats["non2xx"],
+    )
 
 
 def ceiling_celery(redis_url: str, tasks: int, log_dir: Path) -> Row:
@@ -127,9 +153,22 @@ def ceiling_celery(redis_url: str, tasks: int, log_dir: Path) -> Row:
         noop_app.send_task("bench.noop", args=[i], queue="bench-noop")
     client = redis.Redis.from_url(redis_url)
     proc = subprocess.Popen(
-        [str(BIN / "celery"), "-A", "bench.celery_noop", "worker", "--pool=solo", "--queues=bench-noop",
-         "--loglevel=WARNING", "--without-heartbeat", "--without-gossip", "--without-mingle"],
-        cwd=ROOT, env={**os.environ, **env}, stdout=(log_dir / "noop.log").open("ab"), stderr=subprocess.STDOUT,
+        [
+            str(BIN / "celery"),
+            "-A",
+            "bench.celery_noop",
+            "worker",
+            "--pool=solo",
+            "--queues=bench-noop",
+            "--loglevel=WARNING",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=(log_dir / "noop.log").open("ab"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -142,7 +181,9 @@ def ceiling_celery(redis_url: str, tasks: int, log_dir: Path) -> Row:
         elapsed = time.monotonic() - started
     finally:
         stop(proc)
-    return Row("ceiling: no-op task", "Celery solo+Redis", start_len / elapsed, 0, 0, note=f"{tasks} tasks")
+    return Row(
+        "ceiling: no-op task", "Celery solo+Redis", start_len / elapsed, 0, 0, note=f"{tasks} tasks"
+    )
 
 
 # ---- the service ----------------------------------------------------------------
@@ -151,7 +192,9 @@ def ceiling_celery(redis_url: str, tasks: int, log_dir: Path) -> Row:
 def applied_orders(base: str, product_ids: list[int]) -> int:
     taken = 0
     for product_id in product_ids:
-        taken += STOCK - requests.get(f"{base}/v1/products/{product_id}", timeout=10).json()["stock"]
+        taken += (
+            STOCK - requests.get(f"{base}/v1/products/{product_id}", timeout=10).json()["stock"]
+        )
     return taken
 
 
@@ -184,8 +227,12 @@ def service_rows(stack: Stack, seconds: int) -> list[Row]:
     base = stack.base_url
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     ids = [
-        requests.post(f"{base}/v1/products", json={"name": f"bench {i}", "price": 100, "stock": STOCK},
-                      headers=headers, timeout=10).json()["id"]
+        requests.post(
+            f"{base}/v1/products",
+            json={"name": f"bench {i}", "price": 100, "stock": STOCK},
+            headers=headers,
+            timeout=10,
+        ).json()["id"]
         for i in range(201)
     ]
     hot, spread = ids[0], ids[1:]
@@ -196,41 +243,89 @@ def service_rows(stack: Stack, seconds: int) -> list[Row]:
     ):
         stats, applied, drain = measure_applied(
             lambda p=probe_ids: applied_orders(base, p),
-            lambda lo=lo, hi=hi: wrk(base, "orders.lua", seconds, {"PRODUCT_LO": str(lo), "PRODUCT_HI": str(hi)}),
+            lambda lo=lo, hi=hi: wrk(
+                base, "orders.lua", seconds, {"PRODUCT_LO": str(lo), "PRODUCT_HI": str(hi)}
+            ),
             seconds,
         )
-        rows.append(Row(scenario, "queue (this service)", stats["per_s"], stats["p50_us"] / 1e3,
-                        stats["p99_us"] / 1e3, applied, drain, stats["non2xx"]))
+        rows.append(
+            Row(
+                scenario,
+                "queue (this service)",
+                stats["per_s"],
+                stats["p50_us"] / 1e3,
+                stats["p99_us"] / 1e3,
+                applied,
+                drain,
+                stats["non2xx"],
+            )
+        )
     user = 900_000_001
     stats, applied, drain = measure_applied(
         lambda: charged_points(base, user),
         lambda: wrk(base, "points.lua", seconds, {"USER_LO": str(user), "USER_HI": str(user)}),
         seconds,
     )
-    rows.append(Row("point charges, 1 hot user", "queue (this service)", stats["per_s"], stats["p50_us"] / 1e3,
-                    stats["p99_us"] / 1e3, applied, drain, stats["non2xx"]))
+    rows.append(
+        Row(
+            "point charges, 1 hot user",
+            "queue (this service)",
+            stats["per_s"],
+            stats["p50_us"] / 1e3,
+            stats["p99_us"] / 1e3,
+            applied,
+            drain,
+            stats["non2xx"],
+        )
+    )
     return rows
 
 
 def baseline_rows(database_url: str, base_service: str, seconds: int, log_dir: Path) -> list[Row]:
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     ids = [
-        requests.post(f"{base_service}/v1/products", json={"name": f"baseline {i}", "price": 100, "stock": STOCK},
-                      headers=headers, timeout=10).json()["id"]
+        requests.post(
+            f"{base_service}/v1/products",
+            json={"name": f"baseline {i}", "price": 100, "stock": STOCK},
+            headers=headers,
+            timeout=10,
+        ).json()["id"]
         for i in range(201)
     ]
     rows = []
     for workers in (4, 16):
         port = free_port()
-        proc = gunicorn("bench.baseline_app:app", port, {"BASELINE_DATABASE_URL": database_url},
-                        ["--workers", str(workers)], log_dir / "baseline.log")
+        proc = gunicorn(
+            "bench.baseline_app:app",
+            port,
+            {"BASELINE_DATABASE_URL": database_url},
+            ["--workers", str(workers)],
+            log_dir / "baseline.log",
+        )
         try:
-            for scenario, lo, hi in (("orders, 200 products", ids[1], ids[-1]), ("orders, 1 hot product", ids[0], ids[0])):
-                stats = wrk(f"http://127.0.0.1:{port}", "orders.lua", seconds,
-                            {"PRODUCT_LO": str(lo), "PRODUCT_HI": str(hi)})
-                rows.append(Row(scenario, f"original design, {workers} sync workers", stats["per_s"],
-                                stats["p50_us"] / 1e3, stats["p99_us"] / 1e3, stats["per_s"], None,
-                                stats["non2xx"], "applied in the request"))
+            for scenario, lo, hi in (
+                ("orders, 200 products", ids[1], ids[-1]),
+                ("orders, 1 hot product", ids[0], ids[0]),
+            ):
+                stats = wrk(
+                    f"http://127.0.0.1:{port}",
+                    "orders.lua",
+                    seconds,
+                    {"PRODUCT_LO": str(lo), "PRODUCT_HI": str(hi)},
+                )
+                rows.append(
+                    Row(
+                        scenario,
+                        f"original design, {workers} sync workers",
+                        stats["per_s"],
+                        stats["p50_us"] / 1e3,
+                        stats["p99_us"] / 1e3,
+                        stats["per_s"],
+                        None,
+                        stats["non2xx"],
+                        "applied in the request",
+                    )
+                )
         finally:
             stop(proc)
     return rows
@@ -240,18 +335,19 @@ def baseline_rows(database_url: str, base_service: str, seconds: int, log_dir: P
 
 
 def fmt(value: float | None) -> str:
-    return "–" if value is None or value != value else f"{value:,.0f}"
+    return "-" if value is None or math.isnan(value) else f"{value:,.0f}"
 
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| scenario | system | accepted/s | p50 ms | p99 ms | applied/s (under load) | drain/s (after) | non-2xx |",
+        "| scenario | system | accepted/s | p50 ms | p99 ms "
+        "| applied/s (under load) | drain/s (after) | non-2xx |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.scenario} | {r.system} | {fmt(r.accepted_per_s)} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
-            f"{fmt(r.applied_per_s)} | {fmt(r.drain_per_s)} | {r.non2xx} |"
+            f"| {r.scenario} | {r.system} | {fmt(r.accepted_per_s)} | {r.p50_ms:.1f} "
+            f"| {r.p99_ms:.1f} | {fmt(r.applied_per_s)} | {fmt(r.drain_per_s)} | {r.non2xx} |"
         )
     return "\n".join(lines)
 
@@ -284,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noop-tasks", type=int, default=5000)
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
-        print("wrk is not installed: `make bench` installs it (apt-get install wrk)", file=sys.stderr)
+        print(
+            "wrk is not installed: `make bench` installs it (apt-get install wrk)", file=sys.stderr
+        )
         return 2
     RESULTS.mkdir(exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -296,9 +394,17 @@ def main(argv: list[str] | None = None) -> int:
         stack: Stack | None = None
         try:
             migrate(pg.url)
-            rows = [ceiling_http(args.seconds, work), ceiling_celery(rd.url.replace("/0", "/5"), args.noop_tasks, work)]
-            stack = Stack(pg.url, rd.url, work / "logs", admin_token=ADMIN_TOKEN,
-                          extra_env={"LOG_LEVEL": "WARNING"})
+            rows = [
+                ceiling_http(args.seconds, work),
+                ceiling_celery(rd.url.replace("/0", "/5"), args.noop_tasks, work),
+            ]
+            stack = Stack(
+                pg.url,
+                rd.url,
+                work / "logs",
+                admin_token=ADMIN_TOKEN,
+                extra_env={"LOG_LEVEL": "WARNING"},
+            )
             stack.start_all()
             rows += service_rows(stack, args.seconds)
             rows += baseline_rows(pg.url, stack.base_url, args.seconds, work)

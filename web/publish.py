@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+import uuid
 from typing import Any, Protocol
 
 import pybreaker
@@ -25,6 +27,7 @@ from shared.jobs import (
     IdempotencyKeyReused,
     JobKind,
     fingerprint,
+    get_job,
     record,
     task_for_queue,
     wake_key,
@@ -38,6 +41,9 @@ log = logging.getLogger(__name__)
 # A wake-up flag lives this long at most; a lost message is re-sent after it
 # expires (or by the sweeper, whichever comes first).
 WAKE_FLAG_SECONDS = 10
+
+# Look-ups of a job row whose COMMIT lost its answer, before answering 503.
+COMMIT_CHECK_TRIES = 3
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,128}$")
 
@@ -138,6 +144,23 @@ def _ensure_broker_reachable(breaker: pybreaker.CircuitBreaker, publisher: Publi
         raise unavailable("the job queue is unavailable; retry later") from exc
 
 
+def _committed_anyway(job_id: uuid.UUID) -> Job | None:
+    """The job, if its COMMIT went through although its answer was lost (connection broken).
+
+    A 503 may only say that no row was committed (API.md), so before answering it after a
+    failed COMMIT, look the row up on a fresh connection (a few quick tries).  ``None``:
+    not committed, or the database stays unreachable (then it cannot be known).
+    """
+    factory = current_app.extensions["session_factory"]
+    for attempt in range(COMMIT_CHECK_TRIES):
+        try:
+            with factory() as session:
+                return get_job(session, job_id)
+        except DBAPIError:
+            time.sleep(0.1 * (attempt + 1))
+    return None
+
+
 def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
     """Record the job, commit, then wake its partition; answer 202 (or 503 / 422)."""
     app = current_app
@@ -148,6 +171,8 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
 
     scope = _idempotency_scope()
     _ensure_broker_reachable(broker_breaker, publisher)
+
+    committing: list[uuid.UUID] = []  # the job whose COMMIT was sent, once it is
 
     def record_and_commit() -> Job:
         session = db_session()
@@ -160,6 +185,7 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
                 idempotency_scope=scope,
                 request_hash=fingerprint(request.method, request.path, payload) if scope else None,
             )
+            committing.append(recorded.job.id)
             session.commit()
         except BaseException:
             session.rollback()
@@ -173,8 +199,12 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
             422, ErrorCode.IDEMPOTENCY_KEY_REUSED, "this Idempotency-Key was used with other input"
         ) from exc
     except (pybreaker.CircuitBreakerError, DBAPIError) as exc:
-        log.warning("job not accepted, database unavailable: %s", exc)
-        raise unavailable("the database is unavailable; retry later") from exc
+        found = _committed_anyway(committing[0]) if committing else None
+        if found is None:
+            log.warning("job not accepted, database unavailable: %s", exc)
+            raise unavailable("the database is unavailable; retry later") from exc
+        log.warning("job %s: the answer to COMMIT was lost, the row is there: %s", found.id, exc)
+        job = found
 
     # Committed: from here on the answer is 202 (the sweeper covers a failed send).
     if job.status == "PENDING":
