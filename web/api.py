@@ -2,9 +2,9 @@
 
 ``@operation(...)`` registers the Flask route and its OpenAPI description from
 the same arguments, and runs the checks in the order API.md fixes: route and
-method (Flask), path ids in range (404), access (401, 403), size (413),
-content type (415), rate (429), validation (400); the view then answers 404 for
-an unknown id.
+method (Flask), access (401, 403), size (413), content type (415), rate (429),
+validation (400), then existence of a path id: 404 here for one out of range
+(it cannot exist), or from the view for an unknown one.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class Operation:
     body_optional: bool = False
     job: bool = False
     headers: dict[int, dict[str, str]] = field(default_factory=dict)
+    # Request headers the view reads itself (documented only), e.g. If-Match.
+    header_parameters: tuple[dict[str, Any], ...] = ()
 
 
 OPERATIONS: list[Operation] = []
@@ -99,8 +101,14 @@ def require_admin() -> None:
     header = request.headers.get("Authorization")
     if header is None:
         raise ApiError(401, ErrorCode.UNAUTHENTICATED, "an Authorization: Bearer token is required")
-    expected = f"Bearer {settings().admin_token}".encode()
-    if not settings().admin_token or not hmac.compare_digest(header.encode(), expected):
+    scheme, _, token = header.strip().partition(" ")
+    expected = settings().admin_token.encode()
+    # The scheme is case-insensitive (RFC 9110); the token is compared in constant time.
+    if (
+        scheme.lower() != "bearer"
+        or not expected
+        or not hmac.compare_digest(token.strip().encode(), expected)
+    ):
         raise ApiError(403, ErrorCode.FORBIDDEN, "this token may not do that")
 
 
@@ -139,6 +147,7 @@ def operation(
     rate_limited: bool = False,
     body_optional: bool = False,
     job: bool = False,
+    header_parameters: tuple[dict[str, Any], ...] = (),
 ) -> Callable[[V], V]:
     """Register ``view`` at ``rule`` on ``bp``; it gets the path args and ``body``/``query``."""
     op = Operation(
@@ -153,13 +162,13 @@ def operation(
         rate_limited=rate_limited,
         body_optional=body_optional,
         job=job,
+        header_parameters=header_parameters,
     )
     OPERATIONS.append(op)
 
     def decorator(view: V) -> V:
         @functools.wraps(view)
         def wrapper(**path_args: Any) -> Response:
-            _check_path_ids(path_args)
             if admin:
                 require_admin()
             _check_size()
@@ -175,6 +184,7 @@ def operation(
                     kwargs["body"] = None
                 else:
                     kwargs["body"] = parse_model(body, read_json_body())
+            _check_path_ids(path_args)
             result: Response = view(**kwargs)
             return result
 
@@ -242,10 +252,29 @@ def _query_parameters(model: type[BaseModel], defs: dict[str, Any]) -> list[dict
             "name": name,
             "in": "query",
             "required": name in required,
-            "schema": {k: v for k, v in prop.items() if k != "title"},
+            "schema": _query_value_schema(prop),
         }
         for name, prop in schema.get("properties", {}).items()
     ]
+
+
+_NULL = {"type": "null"}
+
+
+def _query_value_schema(prop: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema without pydantic's ``null`` branch: an optional query
+    parameter is absent, never the text ``null``."""
+    schema = {k: v for k, v in prop.items() if k != "title"}
+    options = schema.get("anyOf")
+    if not options or _NULL not in options:
+        return schema
+    rest = [option for option in options if option != _NULL]
+    del schema["anyOf"]
+    if schema.get("default", 0) is None:
+        del schema["default"]
+    if len(rest) == 1:
+        return {**rest[0], **schema}
+    return {**schema, "anyOf": rest}
 
 
 def _error_statuses(op: Operation) -> set[int]:
@@ -305,6 +334,7 @@ def _operation_entry(op: Operation, components: _Components) -> dict[str, Any]:
         params += _query_parameters(op.query, components.schemas)
     if op.job:
         params.append(IDEMPOTENCY_HEADER)
+    params += op.header_parameters
     if params:
         entry["parameters"] = params
     if op.body is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
 from shared.domain.orders import OrderStatus
@@ -20,17 +20,22 @@ MAX_ID = 2**63 - 1
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 PointAmount = Annotated[int, Field(ge=1, le=1_000_000)]
 Money = Annotated[int, Field(ge=0, le=1_000_000_000)]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+# No control characters (PostgreSQL cannot store U+0000) and no bidi embeddings,
+# overrides or isolates, which reorder how a name is displayed (CVE-2021-42574).
+NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=NAME_PATTERN)]
 Timestamp = Annotated[
     str, Field(description="RFC 3339, UTC, milliseconds", examples=["2026-11-30T04:15:35.123Z"])
 ]
 
-_INTEGER = re.compile(r"^[+-]?\d{1,30}$")
+# ASCII digits only (Python's \d also takes other scripts' digits, and int() parses
+# them), matched in full (``$`` would let a trailing newline through).
+_INTEGER = re.compile(r"[+-]?[0-9]{1,30}")
 
 
 def _query_int(value: Any) -> Any:
     if isinstance(value, str):
-        if not _INTEGER.match(value):
+        if not _INTEGER.fullmatch(value):
             raise ValueError("must be an integer")
         return int(value)
     return value
@@ -97,7 +102,7 @@ class JobView(Out):
 
 
 class JobWaitQuery(Query):
-    wait: Annotated[int, QueryInt, Field(ge=0, le=30)] = 0
+    wait: Annotated[int, Field(ge=0, le=30), QueryInt] = 0
 
 
 # ---- points ---------------------------------------------------------------
@@ -130,9 +135,14 @@ class Page(Out, Generic[T]):
     total: int
 
 
+MAX_PAGE_SIZE = 100
+# The largest page whose OFFSET, (page - 1) * size, still fits PostgreSQL's bigint.
+MAX_PAGE = MAX_ID // MAX_PAGE_SIZE + 1
+
+
 class PageQuery(Query):
-    page: Annotated[int, QueryInt, Field(ge=1, le=MAX_ID)] = 1
-    size: Annotated[int, QueryInt, Field(ge=1, le=100)] = 20
+    page: Annotated[int, Field(ge=1, le=MAX_PAGE), QueryInt] = 1
+    size: Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE), QueryInt] = 20
 
 
 # ---- products -------------------------------------------------------------
@@ -154,22 +164,21 @@ class ProductView(Out):
 
 
 class ProductListQuery(PageQuery):
-    name: Annotated[str, Field(max_length=200)] | None = None
-    min_price: Annotated[int, QueryInt, Field(ge=0, le=1_000_000_000)] | None = None
-    max_price: Annotated[int, QueryInt, Field(ge=0, le=1_000_000_000)] | None = None
+    name: Annotated[str, Field(max_length=200, pattern=NAME_PATTERN)] | None = None
+    min_price: Annotated[int, Field(ge=0, le=1_000_000_000), QueryInt] | None = None
+    max_price: Annotated[int, Field(ge=0, le=1_000_000_000), QueryInt] | None = None
     in_stock: Annotated[bool, QueryBool] | None = None
     sort: Literal["id", "name", "price", "createdAt"] = "id"
     order: Literal["asc", "desc"] = "asc"
 
-    @model_validator(mode="after")
-    def _price_bounds(self) -> ProductListQuery:
-        if (
-            self.min_price is not None
-            and self.max_price is not None
-            and self.min_price > self.max_price
-        ):
-            raise ValueError("minPrice must not exceed maxPrice")
-        return self
+    @field_validator("max_price")
+    @classmethod
+    def _price_bounds(cls, max_price: int | None, info: ValidationInfo) -> int | None:
+        # A validator on the field itself, so the error names it (fields validate in order).
+        min_price = info.data.get("min_price")
+        if max_price is not None and min_price is not None and min_price > max_price:
+            raise ValueError("maxPrice must not be below minPrice")
+        return max_price
 
 
 class StockBody(Body):
@@ -177,7 +186,7 @@ class StockBody(Body):
 
 
 class StockQuery(Query):
-    stock: Annotated[int, QueryInt, Field(ge=0, le=1_000_000_000)] | None = None
+    stock: Annotated[int, Field(ge=0, le=1_000_000_000), QueryInt] | None = None
 
 
 # ---- orders ---------------------------------------------------------------
@@ -192,14 +201,15 @@ class OrderCreate(Body):
     user_id: Id
     order_lines: Annotated[list[OrderLineIn], Field(min_length=1, max_length=50)]
 
-    @model_validator(mode="after")
-    def _distinct_products(self) -> OrderCreate:
+    @field_validator("order_lines")
+    @classmethod
+    def _distinct_products(cls, lines: list[OrderLineIn]) -> list[OrderLineIn]:
         seen: set[int] = set()
-        for line in self.order_lines:
+        for line in lines:
             if line.product_id in seen:
                 raise ValueError(f"productId {line.product_id} appears more than once")
             seen.add(line.product_id)
-        return self
+        return lines
 
 
 class OrderLineView(Out):
@@ -263,7 +273,7 @@ class IssueBody(Body):
 
 
 class IssueQuery(Query):
-    user_id: Annotated[int, QueryInt, Field(ge=1, le=MAX_ID)] | None = None
+    user_id: Annotated[int, Field(ge=1, le=MAX_ID), QueryInt] | None = None
 
 
 class UserCouponItem(Out):

@@ -101,6 +101,7 @@ class Runtime:
         self._send = send
         self._session_factory: sessionmaker[Session] | None = None
         self._coordination: redis.Redis | None = None
+        self._broker: redis.Redis | None = None
         self._cache: ProductCache | None = None
 
     @property
@@ -134,6 +135,15 @@ class Runtime:
             except Exception:
                 self.coordination.delete(wake_key(queue))
                 raise
+
+    def backlog(self, queue: str) -> int:
+        """Messages waiting in ``queue`` (a Redis list of the broker's database), 0 if unknown."""
+        if self._broker is None:
+            self._broker = make_redis(self.settings.broker_url, timeout=2.0)
+        try:
+            return int(self._broker.llen(queue))  # type: ignore[arg-type]  # sync client
+        except redis.RedisError:
+            return 0
 
     def force_wake(self, queue: str) -> None:
         """Wake ``queue`` even if flagged: the flag may outlive a lost message (the sweeper)."""

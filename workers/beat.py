@@ -23,7 +23,10 @@ def sweep_pending_jobs(rt: Runtime) -> list[str]:
     with rt.session_factory() as session:
         queues = stale_partitions(session, dt.timedelta(seconds=rt.settings.sweep_after_seconds))
     for queue in queues:
-        rt.force_wake(queue)
+        # A wake-up already waiting in the queue will do; while the worker is down,
+        # re-sending every interval would only pile up messages.
+        if rt.backlog(queue) == 0:
+            rt.force_wake(queue)
     if queues:
         log.info("sweeper re-sent wake-ups for %s", queues)
     return queues
