@@ -61,6 +61,8 @@ def create_app(
 
 
 def _install_rate_limit(app: Flask, settings: Settings) -> None:
+    if not settings.rate_limit_enabled:
+        return  # RATE_LIMIT=off: not even the limiter's per-request hooks
     limiter = Limiter(
         key_func=get_remote_address,
         app=app,
@@ -74,7 +76,7 @@ def _install_rate_limit(app: Flask, settings: Settings) -> None:
     )
     # One allowance per client address across every customer job POST (API.md, Access).
     app.extensions["job_rate_limit"] = limiter.shared_limit(
-        settings.rate_limit if settings.rate_limit_enabled else "1000000/second",
+        settings.rate_limit,
         scope="customer-jobs",
         key_func=get_remote_address,
     )
