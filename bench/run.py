@@ -73,7 +73,7 @@ def wrk(
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, **env},
+        env={**os.environ, "WRK_DIR": str(HERE / "wrk"), **env},
         check=True,
     ).stdout
     line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))

@@ -92,6 +92,20 @@ def parse_model(model: type[BaseModel], data: Any) -> BaseModel:
         raise validation_error(pydantic_details(exc)) from exc
 
 
+def query_or_body(field: str, from_query: int | None, from_body: int | None) -> int:
+    """A value the client may give in the query or the body; both given and different is a 400."""
+    given = {v for v in (from_query, from_body) if v is not None}
+    if not given:
+        raise validation_error(
+            [{"field": field, "message": f"{field} is required (query or body)"}]
+        )
+    if len(given) > 1:
+        raise validation_error(
+            [{"field": field, "message": f"query and body give different {field}"}]
+        )
+    return given.pop()
+
+
 def settings() -> Settings:
     value: Settings = current_app.extensions["settings"]
     return value

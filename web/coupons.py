@@ -6,8 +6,7 @@ from flask import Blueprint, Response
 
 from shared.domain.coupons import create_coupon, get_coupon
 from shared.jobs import JobKind
-from web.api import operation
-from web.errors import validation_error
+from web.api import operation, query_or_body
 from web.publish import accept_job
 from web.render import coupon_view, render
 from web.schemas import CouponCreate, CouponView, IssueBody, IssueQuery, JobAccepted
@@ -61,13 +60,5 @@ def get_coupon_by_id(coupon_id: int) -> Response:
     job=True,
 )
 def post_issue(coupon_id: int, query: IssueQuery, body: IssueBody | None) -> Response:
-    values = {v for v in (query.user_id, body.user_id if body else None) if v is not None}
-    if not values:
-        raise validation_error(
-            [{"field": "userId", "message": "userId is required (query or body)"}]
-        )
-    if len(values) > 1:
-        raise validation_error(
-            [{"field": "userId", "message": "query and body give different userId"}]
-        )
-    return accept_job(JobKind.COUPON_ISSUE, {"couponId": coupon_id, "userId": values.pop()})
+    user_id = query_or_body("userId", query.user_id, body.user_id if body else None)
+    return accept_job(JobKind.COUPON_ISSUE, {"couponId": coupon_id, "userId": user_id})

@@ -16,8 +16,7 @@ from shared.domain.products import (
     product_document,
 )
 from shared.jobs import JobKind
-from web.api import operation
-from web.errors import validation_error
+from web.api import operation, query_or_body
 from web.publish import accept_job
 from web.schemas import (
     JobAccepted,
@@ -130,11 +129,5 @@ def get_products(query: ProductListQuery) -> Response:
     job=True,
 )
 def put_stock(product_id: int, query: StockQuery, body: StockBody | None) -> Response:
-    values = {v for v in (query.stock, body.stock if body else None) if v is not None}
-    if not values:
-        raise validation_error([{"field": "stock", "message": "stock is required (query or body)"}])
-    if len(values) > 1:
-        raise validation_error(
-            [{"field": "stock", "message": "query and body give different stock"}]
-        )
-    return accept_job(JobKind.STOCK_SET, {"productId": product_id, "stock": values.pop()})
+    stock = query_or_body("stock", query.stock, body.stock if body else None)
+    return accept_job(JobKind.STOCK_SET, {"productId": product_id, "stock": stock})

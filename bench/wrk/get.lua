@@ -1,4 +1,5 @@
 -- GET of one fixed path (WRK_PATH): the ceiling of the HTTP stack.
+dofile(os.getenv("WRK_DIR") .. "/report.lua")
 local path = os.getenv("WRK_PATH") or "/"
 
 request = function()
@@ -6,9 +7,5 @@ request = function()
 end
 
 done = function(summary, latency, requests)
-  io.write(string.format(
-    'WRK_JSON {"requests":%d,"duration_us":%d,"non2xx":%d,"socket_errors":%d,"p50_us":%d,"p99_us":%d}\n',
-    summary.requests, summary.duration, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    latency:percentile(50), latency:percentile(99)))
+  report(summary, latency)
 end

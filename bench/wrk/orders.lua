@@ -1,4 +1,5 @@
 -- POST /v1/orders, one unit of a product drawn from [PRODUCT_LO, PRODUCT_HI].
+dofile(os.getenv("WRK_DIR") .. "/report.lua")
 local lo = tonumber(os.getenv("PRODUCT_LO"))
 local hi = tonumber(os.getenv("PRODUCT_HI"))
 local path = os.getenv("ORDER_PATH") or "/v1/orders"
@@ -11,9 +12,5 @@ request = function()
 end
 
 done = function(summary, latency, requests)
-  io.write(string.format(
-    'WRK_JSON {"requests":%d,"duration_us":%d,"non2xx":%d,"socket_errors":%d,"p50_us":%d,"p99_us":%d}\n',
-    summary.requests, summary.duration, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    latency:percentile(50), latency:percentile(99)))
+  report(summary, latency)
 end
