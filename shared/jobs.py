@@ -51,6 +51,11 @@ def task_for_queue(queue: str) -> str:
     return HISTORY_TASK if queue == HISTORY_QUEUE else DRAIN_TASK
 
 
+# A wake-up flag lives this long at most: a flag whose message was lost, or whose
+# drainer died, stops suppressing wake-ups after it (the sweeper also re-sends).
+WAKE_FLAG_SECONDS = 10
+
+
 def wake_key(queue: str) -> str:
     """Set while a wake-up for ``queue`` is in flight, so bursts send one message, not N."""
     return f"wake:{queue}"
@@ -155,6 +160,17 @@ def lock_pending_batch(session: Session, queue: str, limit: int) -> list[Job]:
             .limit(limit)
             .with_for_update()
         ).scalars()
+    )
+
+
+def partition_has_pending(session: Session, queue: str) -> bool:
+    return (
+        session.execute(
+            select(Job.id)
+            .where(Job.partition == queue, Job.status == JobStatus.PENDING.value)
+            .limit(1)
+        ).first()
+        is not None
     )
 
 

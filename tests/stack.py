@@ -21,6 +21,8 @@ BIN = Path(sys.executable).parent
 COMMANDS: dict[str, list[str]] = {
     "web": [
         str(BIN / "gunicorn"),
+        "-c",
+        "python:web.gunicorn_conf",
         "web.wsgi:app",
         "--worker-class",
         "gthread",

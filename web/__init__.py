@@ -13,6 +13,7 @@ from shared.cache import ProductCache, make_redis
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
 from web import coupons, health, jobs, orders, points, products, users
+from web.api import IdConverter
 from web.errors import register_error_handlers
 from web.publish import Publisher, install_publishing
 from web.session import install_sessions
@@ -35,6 +36,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider option
     app.url_map.strict_slashes = False
+    app.url_map.converters["id"] = IdConverter
     # No implicit OPTIONS answers (an empty text/html 200): OPTIONS is a JSON 405 with Allow.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["settings"] = settings

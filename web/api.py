@@ -19,7 +19,8 @@ from typing import Any, Literal, TypeVar
 
 from flask import Blueprint, Response, current_app, request
 from pydantic import BaseModel, ValidationError
-from werkzeug.exceptions import NotFound
+from werkzeug.exceptions import HTTPException, NotFound
+from werkzeug.routing import BaseConverter
 
 from shared.config import Settings
 from shared.domain.errors import ErrorCode
@@ -29,10 +30,24 @@ from web.schemas import MAX_ID
 V = TypeVar("V", bound=Callable[..., Any])
 
 
+class IdConverter(BaseConverter):
+    """A path id: any decimal integer routes, so an id that cannot exist (0, negative,
+    leading zeros, past 2**63-1) answers 404 after the access and validation checks."""
+
+    regex = r"-?[0-9]+"
+
+    def to_python(self, value: str) -> int:
+        canonical = value.isdigit() and not value.startswith("0")
+        return int(value) if canonical else 0
+
+    def to_url(self, value: Any) -> str:
+        return str(value)
+
+
 @dataclass(frozen=True)
 class Operation:
     method: str
-    rule: str  # Flask rule, e.g. /v1/points/<int:user_id>
+    rule: str  # Flask rule, e.g. /v1/points/<id:user_id>
     summary: str
     tag: str
     responses: dict[int, type[BaseModel] | None]
@@ -70,9 +85,27 @@ def has_body() -> bool:
     )
 
 
+def _read_body() -> bytes:
+    limit = settings().max_body_bytes
+    try:
+        if request.content_length is None and has_body():
+            # Chunked: werkzeug would silently stop at the limit; read one byte past it.
+            raw: bytes = request.environ["wsgi.input"].read(limit + 1)
+            if len(raw) > limit:
+                raise ApiError(
+                    413, ErrorCode.PAYLOAD_TOO_LARGE, f"the body may not exceed {limit} bytes"
+                )
+            return raw
+        return request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: 413 (RequestEntityTooLarge)
+    except (HTTPException, ApiError):
+        raise
+    except Exception as exc:  # gunicorn's InvalidChunkSize, a client gone mid-body
+        raise validation_error([{"field": "", "message": "the body could not be read"}]) from exc
+
+
 def read_json_body() -> Any:
     """The request body as JSON, refusing duplicate keys, NaN and Infinity."""
-    raw = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: 413 (RequestEntityTooLarge)
+    raw = _read_body()
     if not raw:
         raise validation_error(
             [{"field": "", "message": "a JSON body is required"}], "a JSON body is required"
@@ -126,10 +159,14 @@ def require_admin() -> None:
         raise ApiError(403, ErrorCode.FORBIDDEN, "this token may not do that")
 
 
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"the body may not exceed {limit} bytes")
+
+
 def _check_size() -> None:
     limit = settings().max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"the body may not exceed {limit} bytes")
+        raise _too_large(limit)
 
 
 def _check_content_type() -> None:
@@ -140,6 +177,15 @@ def _check_content_type() -> None:
         raise ApiError(
             415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "a request body must be sent as application/json"
         )
+
+
+def _refuse_body() -> None:
+    """A mutation that takes no body refuses one rather than ignore what it says."""
+    data = read_json_body()
+    if data == {}:
+        return
+    fields = list(data) if isinstance(data, dict) else [""]
+    raise validation_error([{"field": f, "message": "this endpoint takes no body"} for f in fields])
 
 
 def _check_path_ids(path_args: dict[str, Any]) -> None:
@@ -162,6 +208,7 @@ def operation(
     body_optional: bool = False,
     job: bool = False,
     header_parameters: tuple[dict[str, Any], ...] = (),
+    headers: dict[int, dict[str, str]] | None = None,
 ) -> Callable[[V], V]:
     """Register ``view`` at ``rule`` on ``bp``; it gets the path args and ``body``/``query``."""
     op = Operation(
@@ -177,6 +224,7 @@ def operation(
         body_optional=body_optional,
         job=job,
         header_parameters=header_parameters,
+        headers=headers or {},
     )
     OPERATIONS.append(op)
 
@@ -198,6 +246,8 @@ def operation(
                     kwargs["body"] = None
                 else:
                     kwargs["body"] = parse_model(body, read_json_body())
+            elif has_body() and method in ("POST", "PUT"):
+                _refuse_body()
             _check_path_ids(path_args)
             result: Response = view(**kwargs)
             return result
@@ -235,13 +285,26 @@ IDEMPOTENCY_HEADER: dict[str, Any] = {
 }
 
 
+_ERROR_HEADERS = {
+    405: {"Allow": "the methods the path takes"},
+    429: {"Retry-After": "seconds to wait"},
+    503: {"Retry-After": "seconds to wait"},
+}
+
+
+def _header_objects(headers: dict[str, str]) -> dict[str, Any]:
+    return {
+        name: {"description": text, "schema": {"type": "string"}} for name, text in headers.items()
+    }
+
+
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
 
 
 def openapi_path(rule: str) -> str:
-    """``/v1/points/<int:user_id>`` -> ``/v1/points/{userId}``."""
+    """``/v1/points/<id:user_id>`` -> ``/v1/points/{userId}``."""
     return _PARAM.sub(lambda m: "{" + _camel(m.group(2)) + "}", rule)
 
 
@@ -250,7 +313,7 @@ def _path_parameters(rule: str) -> list[dict[str, Any]]:
     for converter, name in _PARAM.findall(rule):
         schema: dict[str, Any] = (
             {"type": "integer", "minimum": 1, "maximum": MAX_ID}
-            if converter == "int"
+            if converter == "id"
             else {"type": "string", "format": "uuid"}
         )
         params.append({"name": _camel(name), "in": "path", "required": True, "schema": schema})
@@ -295,7 +358,7 @@ def _error_statuses(op: Operation) -> set[int]:
     statuses = {404, 405, 500}
     if op.body is not None or op.query is not None or op.job:
         statuses.add(400)
-    if op.body is not None:
+    if op.body is not None or op.method in ("POST", "PUT"):
         statuses |= {413, 415}
     if op.admin:
         statuses |= {401, 403}
@@ -363,14 +426,18 @@ def _operation_entry(op: Operation, components: _Components) -> dict[str, Any]:
         response: dict[str, Any] = {"description": _ERROR_TEXT.get(status, "OK")}
         if model is not None:
             response["content"] = {"application/json": {"schema": components.ref(model)}}
+        headers = dict(op.headers.get(status, {}))
         if op.job and status == 202:
-            response["headers"] = {"Location": {"schema": {"type": "string"}}}
+            headers["Location"] = "the job's status URL"
+        if headers:
+            response["headers"] = _header_objects(headers)
         responses[str(status)] = response
     error_content = {"application/json": {"schema": components.ref(components.error)}}
     for status in sorted(_error_statuses(op)):
-        responses.setdefault(
-            str(status), {"description": _ERROR_TEXT[status], "content": error_content}
-        )
+        error: dict[str, Any] = {"description": _ERROR_TEXT[status], "content": error_content}
+        if status in _ERROR_HEADERS:
+            error["headers"] = _header_objects(_ERROR_HEADERS[status])
+        responses.setdefault(str(status), error)
     entry["responses"] = responses
     return entry
 

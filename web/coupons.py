@@ -22,6 +22,7 @@ bp = Blueprint("coupons", __name__, url_prefix="/v1/coupons")
     summary="Create a coupon (admin)",
     body=CouponCreate,
     responses={201: CouponView},
+    headers={201: {"Location": "the new resource"}},
     admin=True,
 )
 def post_coupon(body: CouponCreate) -> Response:
@@ -38,7 +39,7 @@ def post_coupon(body: CouponCreate) -> Response:
 
 @operation(
     bp,
-    "/<int:coupon_id>",
+    "/<id:coupon_id>",
     "GET",
     summary="A coupon with issuedQuantity and remaining",
     responses={200: CouponView},
@@ -49,7 +50,7 @@ def get_coupon_by_id(coupon_id: int) -> Response:
 
 @operation(
     bp,
-    "/<int:coupon_id>/issue",
+    "/<id:coupon_id>/issue",
     "POST",
     summary="Issue the coupon to a user (job COUPON_ISSUE on the coupon's partition)",
     query=IssueQuery,

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("orders", __name__, url_prefix="/v1/orders")
 
-_IF_MATCH = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
+_IF_MATCH = re.compile(r'^"?([0-9]+)"?$')
 IF_MATCH_HEADER = {
     "name": "If-Match",
     "in": "header",
@@ -59,10 +59,11 @@ def post_order(body: OrderCreate) -> Response:
 
 @operation(
     bp,
-    "/<int:order_id>",
+    "/<id:order_id>",
     "GET",
     summary="An order with its lines; ETag is its version",
     responses={200: OrderView},
+    headers={200: {"ETag": "the order's version, quoted"}},
 )
 def get_order_by_id(order_id: int) -> Response:
     order, lines = get_order(read_session(), order_id)
@@ -83,11 +84,12 @@ def _expected_version() -> int | None:
 
 @operation(
     bp,
-    "/<int:order_id>/status",
+    "/<id:order_id>/status",
     "PUT",
     summary="Move an order to another state (admin); 409 on a stale version or forbidden move",
     query=StatusQuery,
     responses={200: OrderStatusView, 409: ErrorBody},
+    headers={200: {"ETag": "the order's new version, quoted"}},
     admin=True,
     header_parameters=(IF_MATCH_HEADER,),
 )
@@ -121,7 +123,7 @@ def _after_status_change(restocked: list[int]) -> None:
 
 @operation(
     bp,
-    "/<int:order_id>/histories",
+    "/<id:order_id>/histories",
     "GET",
     summary="The states an order entered, in order",
     responses={200: OrderHistoryList},

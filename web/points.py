@@ -46,7 +46,7 @@ def post_use(body: PointsRequest) -> Response:
 
 @operation(
     bp,
-    "/<int:user_id>",
+    "/<id:user_id>",
     "GET",
     summary="A user's balance (0 if never charged)",
     responses={200: BalanceView},
@@ -58,7 +58,7 @@ def get_points(user_id: int) -> Response:
 
 @operation(
     bp,
-    "/<int:user_id>/histories",
+    "/<id:user_id>/histories",
     "GET",
     summary="A user's point changes, newest first",
     query=PageQuery,

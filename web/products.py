@@ -44,6 +44,7 @@ def _cache() -> ProductCache:
     summary="Create a product (admin)",
     body=ProductCreate,
     responses={201: ProductView},
+    headers={201: {"Location": "the new resource"}},
     admin=True,
 )
 def post_product(body: ProductCreate) -> Response:
@@ -61,7 +62,7 @@ def post_product(body: ProductCreate) -> Response:
 
 @operation(
     bp,
-    "/<int:product_id>",
+    "/<id:product_id>",
     "GET",
     summary="A product (through the read cache)",
     responses={200: ProductView},
@@ -118,7 +119,7 @@ def get_products(query: ProductListQuery) -> Response:
 
 @operation(
     bp,
-    "/<int:product_id>/stock",
+    "/<id:product_id>/stock",
     "PUT",
     summary="Set a product's stock (admin; job STOCK_SET on the product's partition)",
     query=StockQuery,

@@ -24,6 +24,7 @@ from shared.cache import make_redis
 from shared.config import Settings
 from shared.domain.errors import ErrorCode
 from shared.jobs import (
+    WAKE_FLAG_SECONDS,
     IdempotencyKeyReused,
     JobKind,
     fingerprint,
@@ -37,10 +38,6 @@ from web.errors import ApiError, unavailable, validation_error
 from web.session import db_session
 
 log = logging.getLogger(__name__)
-
-# A wake-up flag lives this long at most; a lost message is re-sent after it
-# expires (or by the sweeper, whichever comes first).
-WAKE_FLAG_SECONDS = 10
 
 # Look-ups of a job row whose COMMIT lost its answer, before answering 503.
 COMMIT_CHECK_TRIES = 3

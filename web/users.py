@@ -15,7 +15,7 @@ bp = Blueprint("users", __name__, url_prefix="/v1/users")
 
 @operation(
     bp,
-    "/<int:user_id>/coupons",
+    "/<id:user_id>/coupons",
     "GET",
     summary="A user's coupons, in the order issued",
     responses={200: UserCouponList},

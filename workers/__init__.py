@@ -46,7 +46,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_seconds,
         task_soft_time_limit=settings.task_time_limit_seconds - 10,
-        worker_send_task_events=True,
+        # Off by default: each event is a broker publish per task.  Flower turns
+        # them on when it connects (enable_events), so operators still see tasks.
+        worker_send_task_events=False,
         worker_hijack_root_logger=False,
         beat_schedule={
             "sweep-pending-jobs": {

@@ -40,12 +40,14 @@ from shared.domain.products import get_products, product_document
 from shared.jobs import (
     FINISHED_CHANNEL,
     PARTITION_KIND_OF,
+    WAKE_FLAG_SECONDS,
     JobKind,
     count_attempt,
     lock_pending_batch,
     lock_pending_job,
     mark_failed,
     mark_succeeded,
+    partition_has_pending,
     wake_key,
 )
 from shared.models import Job
@@ -129,7 +131,7 @@ class Runtime:
 
     def wake(self, queue: str) -> None:
         """Wake ``queue`` unless a wake-up is in flight.  Never call inside a transaction."""
-        if self.coordination.set(wake_key(queue), 1, nx=True, ex=10):
+        if self.coordination.set(wake_key(queue), 1, nx=True, ex=WAKE_FLAG_SECONDS):
             try:
                 self._send(queue)
             except Exception:
@@ -173,18 +175,41 @@ def _mark_products_pending(rt: Runtime, session: Session, effects: Effects) -> N
 
 
 def drain_partition(rt: Runtime, queue: str) -> int:
-    """Apply every PENDING job of ``queue`` in commit order; returns how many finished."""
-    try:
-        # Cleared before reading: a job committed after this read sets it again and sends a wake-up.
-        rt.coordination.delete(wake_key(queue))
-    except redis.RedisError as exc:
-        log.warning("could not clear the wake flag of %s: %s", queue, exc)
+    """Apply every PENDING job of ``queue`` in commit order; returns how many finished.
+
+    The wake flag stays set while the partition is drained, so web sends no
+    further wake-ups for jobs that this loop will find anyway: under load one
+    message serves many batches.  The flag is cleared only once a batch comes
+    back short, and the partition is then looked at once more: a job committed
+    before the clear is found by that look, a job committed after it sets the
+    flag again and sends a wake-up (``web.publish``).  No job is left behind.
+    """
     done = 0
     while True:
         applied = apply_next_batch(rt, queue)
         done += applied
-        if applied < rt.settings.batch_size:
+        if applied == rt.settings.batch_size:
+            continue
+        try:
+            rt.coordination.delete(wake_key(queue))
+        except redis.RedisError as exc:
+            log.warning("could not clear the wake flag of %s: %s", queue, exc)
+        if not has_pending(rt, queue):
             return done
+        _keep_flag(rt, queue)
+
+
+def _keep_flag(rt: Runtime, queue: str) -> None:
+    """Draining goes on: hold the flag again so web does not send wake-ups meanwhile."""
+    try:
+        rt.coordination.set(wake_key(queue), 1, nx=True, ex=WAKE_FLAG_SECONDS)
+    except redis.RedisError as exc:
+        log.warning("could not set the wake flag of %s: %s", queue, exc)
+
+
+def has_pending(rt: Runtime, queue: str) -> bool:
+    with rt.session_factory() as session:
+        return partition_has_pending(session, queue)
 
 
 def apply_next_batch(rt: Runtime, queue: str) -> int:

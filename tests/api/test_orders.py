@@ -128,7 +128,9 @@ def test_if_match_with_the_current_version_bare_or_quoted(client: FlaskClient, h
     assert answer.get_json()["version"] == 3
 
 
-@pytest.mark.parametrize("header", ["1", '"3"', "0", "999999999999999999"])
+@pytest.mark.parametrize(
+    "header", ["1", '"3"', "0", "999999999999999999", "9223372036854775807", "00000000000000000001"]
+)
 def test_stale_if_match_is_409_and_changes_nothing(
     client: FlaskClient, db_session: Session, header: str
 ) -> None:
@@ -143,7 +145,7 @@ def test_stale_if_match_is_409_and_changes_nothing(
 
 
 @pytest.mark.parametrize(
-    "header", ["", "abc", "-1", "1.0", '"2', '2"', "*", "W/x", "2, 3", "0x2", "²"]
+    "header", ["", "abc", "-1", "1.0", '"2', '2"', "*", "W/x", 'W/"2"', "2, 3", "0x2", "²"]
 )
 def test_malformed_if_match_is_400(client: FlaskClient, db_session: Session, header: str) -> None:
     order = OrderFactory(version=2)
@@ -182,3 +184,33 @@ def test_status_change_needs_the_admin_token(client: FlaskClient, db_session: Se
     db_session.refresh(order)
     assert order.version == 1
     assert db_session.execute(select(func.count()).select_from(Outbox)).scalar_one() == 0
+
+
+@pytest.mark.parametrize("body", [{"x": 1}, [1], {"status": "PAYMENT_READY"}])
+def test_a_body_on_a_status_change_is_refused_and_changes_nothing(
+    client: FlaskClient, db_session: Session, body: object
+) -> None:
+    order = OrderFactory()
+    answer = client.put(
+        f"/v1/orders/{order.id}/status?status=PAYMENT_READY", headers=ADMIN, json=body
+    )
+    assert_error(answer, 400, "VALIDATION_ERROR")
+    db_session.refresh(order)
+    assert (order.status, order.version) == ("READY", 1)
+
+
+def test_an_empty_json_object_body_on_a_status_change_is_harmless(client: FlaskClient) -> None:
+    order = OrderFactory()
+    answer = client.put(
+        f"/v1/orders/{order.id}/status?status=PAYMENT_READY", headers=ADMIN, json={}
+    )
+    assert answer.status_code == 200
+
+
+@pytest.mark.parametrize("order_id", ["-1", "0", "007", "9223372036854775808"])
+def test_an_id_that_cannot_exist_is_checked_after_access(
+    client: FlaskClient, order_id: str
+) -> None:
+    assert_error(client.put(f"/v1/orders/{order_id}/status?status=FAILED"), 401, "UNAUTHENTICATED")
+    answer = client.put(f"/v1/orders/{order_id}/status?status=FAILED", headers=ADMIN)
+    assert_error(answer, 404, "NOT_FOUND")

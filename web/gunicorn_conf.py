@@ -1,0 +1,33 @@
+"""gunicorn settings of the web process (``gunicorn -c python:web.gunicorn_conf``).
+
+Requests gunicorn refuses before the app sees them (a bad request line, an
+over-long URL or header block, a broken chunked body) would get gunicorn's HTML
+error page; API.md allows no HTML answer, so they get the API's JSON error shape.
+Bind address, workers and threads stay on the command line (Procfile).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from gunicorn import util
+
+# gunicorn's per-user control socket is shared by every gunicorn of the user: not wanted.
+control_socket_disable = True
+
+_CODES = {403: "FORBIDDEN", 500: "INTERNAL"}
+
+
+def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """Drop-in for ``gunicorn.util.write_error`` answering in the API's error shape."""
+    code = _CODES.get(status_int, "VALIDATION_ERROR")
+    body = json.dumps({"error": {"code": code, "message": mesg or reason, "details": None}})
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body.encode())}\r\n\r\n"
+    )
+    util.write_nonblock(sock, (head + body).encode())
+
+
+util.write_error = write_json_error
