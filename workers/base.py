@@ -174,37 +174,38 @@ def _mark_products_pending(rt: Runtime, session: Session, effects: Effects) -> N
             rt.cache.mark_pending(product.id, product.version)
 
 
+# Full batches drained in one go before the partition goes to the back of the line.
+MAX_BATCHES_PER_DRAIN = 10
+
+
 def drain_partition(rt: Runtime, queue: str) -> int:
-    """Apply every PENDING job of ``queue`` in commit order; returns how many finished.
+    """Apply the PENDING jobs of ``queue`` in commit order; returns how many finished.
 
     The wake flag stays set while the partition is drained, so web sends no
-    further wake-ups for jobs that this loop will find anyway: under load one
-    message serves many batches.  The flag is cleared only once a batch comes
-    back short, and the partition is then looked at once more: a job committed
-    before the clear is found by that look, a job committed after it sets the
-    flag again and sends a wake-up (``web.publish``).  No job is left behind.
+    further wake-ups for jobs this drain will find anyway.  When a batch comes
+    back short (or after ``MAX_BATCHES_PER_DRAIN``), the flag is cleared and the
+    partition looked at once more: jobs committed before the clear are found by
+    that look and the partition is woken again, behind the other partitions'
+    wake-ups (one solo worker serves many partitions: a busy one must not starve
+    the rest); a job committed after the clear sets the flag itself and sends a
+    wake-up (``web.publish``).  No job is left behind.
     """
     done = 0
-    while True:
+    for _ in range(MAX_BATCHES_PER_DRAIN):
         applied = apply_next_batch(rt, queue)
         done += applied
-        if applied == rt.settings.batch_size:
-            continue
-        try:
-            rt.coordination.delete(wake_key(queue))
-        except redis.RedisError as exc:
-            log.warning("could not clear the wake flag of %s: %s", queue, exc)
-        if not has_pending(rt, queue):
-            return done
-        _keep_flag(rt, queue)
-
-
-def _keep_flag(rt: Runtime, queue: str) -> None:
-    """Draining goes on: hold the flag again so web does not send wake-ups meanwhile."""
+        if applied < rt.settings.batch_size:
+            break
     try:
-        rt.coordination.set(wake_key(queue), 1, nx=True, ex=WAKE_FLAG_SECONDS)
+        rt.coordination.delete(wake_key(queue))
     except redis.RedisError as exc:
-        log.warning("could not set the wake flag of %s: %s", queue, exc)
+        log.warning("could not clear the wake flag of %s: %s", queue, exc)
+    if has_pending(rt, queue):
+        try:
+            rt.wake(queue)
+        except Exception as exc:  # the sweeper wakes it if this is lost
+            log.warning("could not re-wake %s: %s", queue, exc)
+    return done
 
 
 def has_pending(rt: Runtime, queue: str) -> bool:

@@ -29,7 +29,6 @@ def main(argv: list[str]) -> None:
             "--pool=solo",
             f"--queues={','.join(queues)}",
             f"--hostname=partitions{settings.worker_index}@%h",
-            f"--loglevel={settings.log_level}",
             *argv,
         ]
     )
