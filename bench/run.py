@@ -223,18 +223,23 @@ def measure_applied(probe: Any, run_load: Any, seconds: int) -> tuple[dict[str, 
     return stats, during / elapsed, drain_rate
 
 
-def service_rows(stack: Stack, seconds: int) -> list[Row]:
-    base = stack.base_url
+def create_products(base: str, prefix: str, count: int) -> list[int]:
+    """Products with a stock no run can exhaust, created through the API."""
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    ids = [
+    return [
         requests.post(
             f"{base}/v1/products",
-            json={"name": f"bench {i}", "price": 100, "stock": STOCK},
+            json={"name": f"{prefix} {i}", "price": 100, "stock": STOCK},
             headers=headers,
             timeout=10,
         ).json()["id"]
-        for i in range(201)
+        for i in range(count)
     ]
+
+
+def service_rows(stack: Stack, seconds: int) -> list[Row]:
+    base = stack.base_url
+    ids = create_products(base, "bench", 201)
     hot, spread = ids[0], ids[1:]
     rows = []
     for scenario, lo, hi, probe_ids in (
@@ -282,16 +287,7 @@ def service_rows(stack: Stack, seconds: int) -> list[Row]:
 
 
 def baseline_rows(database_url: str, base_service: str, seconds: int, log_dir: Path) -> list[Row]:
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    ids = [
-        requests.post(
-            f"{base_service}/v1/products",
-            json={"name": f"baseline {i}", "price": 100, "stock": STOCK},
-            headers=headers,
-            timeout=10,
-        ).json()["id"]
-        for i in range(201)
-    ]
+    ids = create_products(base_service, "baseline", 201)
     rows = []
     for workers in (4, 16):
         port = free_port()
