@@ -13,7 +13,7 @@ import enum
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -91,8 +91,6 @@ class Settings:
 
     log_level: str = "INFO"
 
-    extra: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
-
     def __post_init__(self) -> None:
         if not self.database_url:
             raise ConfigError("DATABASE_URL is required")
@@ -155,7 +153,7 @@ class Settings:
             )
         kwargs: dict[str, object] = {"database_url": env["DATABASE_URL"]}
         for f in dataclasses.fields(cls):
-            if f.name in ("database_url", "extra"):
+            if f.name == "database_url":
                 continue
             name = f.name.upper()
             if name not in env or env[name] == "":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Table, bindparam, exists, func, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -143,27 +143,11 @@ def issue_coupon(session: Session, coupon_id: int, user_id: int) -> IssuedCoupon
     return unwrap(issue_coupons(session, [IssueRequest(coupon_id, user_id)]).outcomes[0])
 
 
-def holds_coupon(session: Session, coupon_id: int, user_id: int) -> bool:
-    return bool(
-        session.execute(
-            select(exists().where(UserCoupon.coupon_id == coupon_id, UserCoupon.user_id == user_id))
-        ).scalar()
-    )
-
-
 def coupon_holders(session: Session, coupon_id: int) -> list[int]:
     return list(
         session.execute(
             select(UserCoupon.user_id).where(UserCoupon.coupon_id == coupon_id)
         ).scalars()
-    )
-
-
-def is_sold_out(session: Session, coupon_id: int) -> bool:
-    return bool(
-        session.execute(
-            select(Coupon.issued_quantity >= Coupon.total_quantity).where(Coupon.id == coupon_id)
-        ).scalar()
     )
 
 
@@ -176,11 +160,3 @@ def list_user_coupons(session: Session, user_id: int) -> list[tuple[UserCoupon, 
         .order_by(UserCoupon.id)
     ).tuples()
     return list(rows)
-
-
-def count_issued(session: Session, coupon_id: int) -> int:
-    return int(
-        session.execute(
-            select(func.count()).select_from(UserCoupon).where(UserCoupon.coupon_id == coupon_id)
-        ).scalar_one()
-    )

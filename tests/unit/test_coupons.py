@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import insert, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.domain.coupons import (
-    count_issued,
     coupon_holders,
     create_coupon,
     get_coupon,
-    holds_coupon,
-    is_sold_out,
     issue_coupon,
     list_user_coupons,
 )
@@ -28,6 +25,27 @@ from shared.domain.errors import (
 from shared.models import Coupon, UserCoupon
 
 UNKNOWN_ID = 2**63 - 1
+
+
+def holds_coupon(session: Session, coupon_id: int, user_id: int) -> bool:
+    query = select(func.count()).select_from(UserCoupon)
+    return bool(
+        session.execute(
+            query.where(UserCoupon.coupon_id == coupon_id, UserCoupon.user_id == user_id)
+        ).scalar_one()
+    )
+
+
+def count_issued(session: Session, coupon_id: int) -> int:
+    query = select(func.count()).select_from(UserCoupon).where(UserCoupon.coupon_id == coupon_id)
+    return int(session.execute(query).scalar_one())
+
+
+def is_sold_out(session: Session, coupon_id: int) -> bool:
+    left = session.execute(
+        select(Coupon.total_quantity - Coupon.issued_quantity).where(Coupon.id == coupon_id)
+    )
+    return left.scalar_one_or_none() == 0
 
 
 def _issue(session: Session, coupon_id: int, user_id: int) -> UserCoupon:
