@@ -62,6 +62,7 @@ class Settings:
     # Queue partitioning and the worker's batching (ARCHITECTURE rules 1 and 6).
     partitions: int = 16
     batch_size: int = 200
+    drain_linger_ms: int = 10
     job_max_attempts: int = 3
     sweep_after_seconds: float = 5.0
     sweep_interval_seconds: float = 2.0

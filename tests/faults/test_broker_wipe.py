@@ -33,12 +33,16 @@ def test_broker_losing_its_queues_loses_no_job(tmp_path: Path) -> None:
             assert all(a.status == 202 for a in answers)
             queued = sum(rig.queued_messages().values())
             assert queued > 0, "the wake-ups should be waiting in the broker"
+            # Beat is held off while Redis is away, so that the check below sees the
+            # loss before the sweeper starts repairing it (they would race otherwise).
+            rig.stack.kill("beat", signal.SIGTERM)
             rig.redis.stop()
             rig.redis.wipe()
-            # Down for a moment, so beat, the history listener and web see it gone.
+            # Down for a moment, so the history listener and web see it gone.
             time.sleep(2)
             rig.redis.start()  # same port, empty: every queued wake-up is lost
             assert sum(rig.queued_messages().values()) == 0
+            rig.stack.start("beat")
             rig.stack.start("worker")
             restarted = time.monotonic()
             settled = wait_settled(rig)
