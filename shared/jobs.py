@@ -12,9 +12,11 @@ import enum
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
@@ -54,6 +56,23 @@ def task_for_queue(queue: str) -> str:
 # A wake-up flag lives this long at most: a flag whose message was lost, or whose
 # drainer died, stops suppressing wake-ups after it (the sweeper also re-sends).
 WAKE_FLAG_SECONDS = 10
+
+
+def wake_partition(flags: redis.Redis, queue: str, send: Callable[[str], None]) -> bool:
+    """Send a wake-up for ``queue`` with ``send`` unless one is in flight; True if sent.
+
+    One wake-up in flight per partition: a burst of jobs costs one message.  The
+    flag is set first and removed again if the send fails, so a later job retries.
+    Never call inside an open transaction (commit first, then send).
+    """
+    if not flags.set(wake_key(queue), 1, nx=True, ex=WAKE_FLAG_SECONDS):
+        return False
+    try:
+        send(queue)
+    except Exception:
+        flags.delete(wake_key(queue))
+        raise
+    return True
 
 
 def wake_key(queue: str) -> str:

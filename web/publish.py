@@ -24,14 +24,13 @@ from shared.cache import make_redis
 from shared.config import Settings
 from shared.domain.errors import ErrorCode
 from shared.jobs import (
-    WAKE_FLAG_SECONDS,
     IdempotencyKeyReused,
     JobKind,
     fingerprint,
     get_job,
     record,
     task_for_queue,
-    wake_key,
+    wake_partition,
 )
 from shared.models import Job
 from web.errors import ApiError, unavailable, validation_error
@@ -77,14 +76,7 @@ class CeleryPublisher:
         self._celery.send_task(task_for_queue(queue), args=[queue], queue=queue, retry=False)
 
     def wake(self, queue: str) -> None:
-        # One wake-up in flight per partition: a burst of jobs sends one message.
-        if not self._flags.set(wake_key(queue), 1, nx=True, ex=WAKE_FLAG_SECONDS):
-            return
-        try:
-            self._send_unsafe_in_transaction(queue)
-        except Exception:
-            self._flags.delete(wake_key(queue))
-            raise
+        wake_partition(self._flags, queue, self._send_unsafe_in_transaction)
 
     def ping(self) -> None:
         self._broker.ping()

@@ -41,7 +41,6 @@ from shared.domain.products import get_products, product_document
 from shared.jobs import (
     FINISHED_CHANNEL,
     PARTITION_KIND_OF,
-    WAKE_FLAG_SECONDS,
     JobKind,
     count_attempt,
     lock_pending_batch,
@@ -50,6 +49,7 @@ from shared.jobs import (
     mark_succeeded,
     partition_has_pending,
     wake_key,
+    wake_partition,
 )
 from shared.models import Job
 from shared.partitions import HISTORY_QUEUE, PartitionKind
@@ -132,12 +132,7 @@ class Runtime:
 
     def wake(self, queue: str) -> None:
         """Wake ``queue`` unless a wake-up is in flight.  Never call inside a transaction."""
-        if self.coordination.set(wake_key(queue), 1, nx=True, ex=WAKE_FLAG_SECONDS):
-            try:
-                self._send(queue)
-            except Exception:
-                self.coordination.delete(wake_key(queue))
-                raise
+        wake_partition(self.coordination, queue, self._send)
 
     def backlog(self, queue: str) -> int:
         """Messages waiting in ``queue`` (a Redis list of the broker's database), 0 if unknown."""
