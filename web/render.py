@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from flask import Response, jsonify
 from pydantic import BaseModel
 
@@ -69,7 +67,3 @@ def user_coupon_item(user_coupon: UserCoupon, coupon: Coupon) -> schemas.UserCou
         discount_amount=coupon.discount_amount,
         issued_at=rfc3339(user_coupon.issued_at),
     )
-
-
-def page(items: list[Any], page_number: int, size: int, total: int) -> dict[str, Any]:
-    return {"items": items, "page": page_number, "size": size, "total": total}

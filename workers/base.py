@@ -63,6 +63,9 @@ class Effects:
 
     finished: list[str] = field(default_factory=list)
     products: set[int] = field(default_factory=set)
+    # The changed products as the batch commits them (id -> (document, version)),
+    # read once before commit: marked pending then, stored in the cache after.
+    committed_products: dict[int, tuple[dict[str, Any], int]] = field(default_factory=dict)
     history: bool = False
     # Keyed, so that an action wanted by many jobs of a batch runs once.
     later: dict[str, Callable[[Runtime], None]] = field(default_factory=dict)
@@ -167,6 +170,7 @@ def _mark_products_pending(rt: Runtime, session: Session, effects: Effects) -> N
     so that a read after a job shows SUCCEEDED never gets the old stock from the cache."""
     if effects.products:
         for product in get_products(session, sorted(effects.products)):
+            effects.committed_products[product.id] = (product_document(product), product.version)
             rt.cache.mark_pending(product.id, product.version)
 
 
@@ -260,17 +264,17 @@ def _apply_alone(rt: Runtime, queue: str, job_id: uuid.UUID, effects: Effects) -
         return
     effects.finished.extend(alone.finished)
     effects.products |= alone.products
+    effects.committed_products.update(alone.committed_products)
     effects.history |= alone.history
     effects.later.update(alone.later)
 
 
 def after_commit(rt: Runtime, effects: Effects) -> None:
     """Tell waiters, refresh the product cache, wake the history listener.  Never raises."""
-    if effects.products:
+    if effects.committed_products:
         try:
-            with rt.session_factory() as session:
-                for product in get_products(session, sorted(effects.products)):
-                    rt.cache.refresh_product(product_document(product), product.version)
+            for document, version in effects.committed_products.values():
+                rt.cache.refresh_product(document, version)
             rt.cache.invalidate_listings()
         except Exception:
             log.exception("product cache refresh failed")
