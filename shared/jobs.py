@@ -304,6 +304,32 @@ def document_of(job: JobRecord, ahead: int | None = None) -> dict[str, Any]:
     )
 
 
+def partition_lock_id(queue: str) -> int:
+    """The key of ``queue``'s advisory lock (a stable hash, as for routing)."""
+    return int.from_bytes(
+        hashlib.blake2b(queue.encode(), digest_size=8).digest(), "big", signed=True
+    )
+
+
+_LOCK_PARTITION = select(func.pg_advisory_xact_lock(bindparam("lock_id")))
+_PENDING = (_jobs.c.partition == bindparam("queue")) & (_jobs.c.status == JobStatus.PENDING.value)
+# The advisory lock is taken by the statement that reads the batch (one round trip).  Its
+# snapshot may predate the lock, so it may see as PENDING jobs that a drainer it waited
+# for has just finished: FOR UPDATE re-checks each row it locks against the committed
+# version (EvalPlanQual) and skips those, so only still-PENDING jobs come back, in seq
+# order; jobs committed after the snapshot are the next batch's.
+_LOCK_PENDING_BATCH = (
+    _SELECT.where(_PENDING, func.pg_advisory_xact_lock(bindparam("lock_id")).is_not(None))
+    .order_by(_jobs.c.seq)
+    .limit(bindparam("limit"))
+    .with_for_update()
+)
+_HAS_PENDING = select(_jobs.c.id).where(_PENDING).limit(1)
+_LOCK_PENDING_JOB = _SELECT.where(
+    _jobs.c.id == bindparam("job_id"), _jobs.c.status == JobStatus.PENDING.value
+).with_for_update()
+
+
 def lock_pending_batch(session: Session, queue: str, limit: int) -> list[JobRecord]:
     """The oldest PENDING jobs of ``queue``, locked, in commit order.
 
@@ -311,44 +337,27 @@ def lock_pending_batch(session: Session, queue: str, limit: int) -> list[JobReco
     even if two workers ever receive its wake-ups (a rebalance, a sweeper re-send):
     the second waits, then finds those jobs finished.
     """
-    lock_partition(session, queue)
     rows = session.execute(
-        _SELECT.where(_jobs.c.partition == queue, _jobs.c.status == JobStatus.PENDING.value)
-        .order_by(_jobs.c.seq)
-        .limit(limit)
-        .with_for_update()
+        _LOCK_PENDING_BATCH,
+        {"queue": queue, "lock_id": partition_lock_id(queue), "limit": limit},
     )
     return [_record_of(row) for row in rows]
 
 
 def partition_has_pending(session: Session, queue: str) -> bool:
-    return (
-        session.execute(
-            select(_jobs.c.id)
-            .where(_jobs.c.partition == queue, _jobs.c.status == JobStatus.PENDING.value)
-            .limit(1)
-        ).first()
-        is not None
-    )
+    return session.execute(_HAS_PENDING, {"queue": queue}).first() is not None
 
 
 def lock_pending_job(session: Session, queue: str, job_id: uuid.UUID) -> JobRecord | None:
     """One job of ``queue``, locked, if it is still PENDING (for the one-by-one replay)."""
     lock_partition(session, queue)
-    row = session.execute(
-        _SELECT.where(
-            _jobs.c.id == job_id, _jobs.c.status == JobStatus.PENDING.value
-        ).with_for_update()
-    ).one_or_none()
+    row = session.execute(_LOCK_PENDING_JOB, {"job_id": job_id}).one_or_none()
     return None if row is None else _record_of(row)
 
 
 def lock_partition(session: Session, queue: str) -> None:
     """Hold the partition's transaction-scoped advisory lock: one applier per partition."""
-    lock_id = int.from_bytes(
-        hashlib.blake2b(queue.encode(), digest_size=8).digest(), "big", signed=True
-    )
-    session.execute(select(func.pg_advisory_xact_lock(lock_id)))
+    session.execute(_LOCK_PARTITION, {"lock_id": partition_lock_id(queue)})
 
 
 @dataclass(frozen=True)
