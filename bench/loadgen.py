@@ -1,4 +1,4 @@
-"""Open-loop load from one asyncio process (aiohttp), run by ``bench/run.py``.
+"""Open-loop load from one asyncio process (``bench/fasthttp.py``), run by ``bench/run.py``.
 
 wrk is closed-loop: a slow answer delays the next request.  Here every request
 starts on a fixed schedule whatever the answers, and latencies count from the
@@ -25,9 +25,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
+from bench.fasthttp import Disconnected, Pool
 
-JSON_HEADERS = {"Content-Type": "application/json"}
+NET_ERRORS = (OSError, TimeoutError)  # ConnectionError and Disconnected are OSErrors
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -54,11 +54,11 @@ def summary_ms(values: list[float]) -> dict[str, float | None]:
 def error_name(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is this one since 3.11
         return "timeout"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
+    if isinstance(exc, Disconnected):
         return "disconnected"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connect"
-    if isinstance(exc, aiohttp.ClientOSError):
+    if isinstance(exc, ConnectionRefusedError):
+        return "connect refused"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
         return "reset"
     return type(exc).__name__
 
@@ -73,8 +73,7 @@ def raise_fd_limit() -> None:
 class Client:
     """Job requests and their awaits: ``Prefer: wait`` on the POST, then long polls."""
 
-    base: str
-    session: aiohttp.ClientSession
+    pool: Pool
     prefer_wait: int
     poll_wait: int
     give_up_after: float
@@ -82,23 +81,25 @@ class Client:
     polls: int = 0
     direct: int = 0
 
-    async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-        async with self.session.request(method, self.base + path, **kwargs) as resp:
-            body = await resp.read()
-            try:
-                doc = json.loads(body) if body else None
-            except ValueError:
-                doc = None
-            return resp.status, doc
+    timeout: float = 10.0
+
+    async def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, headers: str = ""
+    ) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        status, raw = await self.pool.request(method, path, data, headers, self.timeout)
+        try:
+            doc = json.loads(raw) if raw else None
+        except ValueError:
+            doc = None
+        return status, doc
 
     async def submit(self, path: str, body: dict[str, Any]) -> tuple[float | None, str | None]:
         """POST a job and await it: (when it was accepted, its final status), or Nones."""
-        headers = dict(JSON_HEADERS)
-        if self.prefer_wait:
-            headers["Prefer"] = f"wait={self.prefer_wait}"
+        headers = f"Prefer: wait={self.prefer_wait}\r\n" if self.prefer_wait else ""
         try:
-            status, doc = await self.call("POST", path, json=body, headers=headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            status, doc = await self.call("POST", path, body, headers)
+        except NET_ERRORS as exc:
             self.errors[f"POST {error_name(exc)}"] += 1
             return None, None
         accepted = time.monotonic()
@@ -117,7 +118,7 @@ class Client:
             self.polls += 1
             try:
                 status, doc = await self.call("GET", f"/v1/jobs/{job_id}?wait={self.poll_wait}")
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except NET_ERRORS as exc:
                 self.errors[f"poll {error_name(exc)}"] += 1
                 await asyncio.sleep(0.05)  # a refused connection must not spin
                 continue
@@ -173,66 +174,69 @@ async def mixed(cfg: dict[str, Any]) -> dict[str, Any]:
     outcomes: Counter[str] = Counter()
     counts: Counter[str] = Counter()
 
-    timeout = aiohttp.ClientTimeout(total=max(cfg["prefer_wait"], cfg["poll_wait"]) + 10)
-    connector = aiohttp.TCPConnector(limit=max_in_flight + 100, force_close=False)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        client = Client(
-            cfg["base"], session, cfg["prefer_wait"], cfg["poll_wait"], cfg["give_up_after"]
-        )
-        in_flight: set[asyncio.Task[None]] = set()
-        start = time.monotonic() + 0.2
+    pool = Pool.for_url(cfg["base"])
+    client = Client(
+        pool,
+        cfg["prefer_wait"],
+        cfg["poll_wait"],
+        cfg["give_up_after"],
+        timeout=max(cfg["prefer_wait"], cfg["poll_wait"]) + 10,
+    )
+    in_flight: set[asyncio.Task[None]] = set()
+    start = time.monotonic() + 0.2
 
-        async def arrival(_i: int, scheduled: float) -> None:
-            kind = rng.choices(kinds, weights)[0]
-            if len(in_flight) > max_in_flight:
-                client.errors["not sent: generator in-flight cap"] += 1
+    async def arrival(_i: int, scheduled: float) -> None:
+        kind = rng.choices(kinds, weights)[0]
+        if len(in_flight) > max_in_flight:
+            client.errors["not sent: generator in-flight cap"] += 1
+            return
+        counts[kind] += 1
+        if kind == "read":
+            try:
+                status, _ = await client.call("GET", f"/v1/products/{rng.choice(products)}")
+            except NET_ERRORS as exc:
+                client.errors[f"read {error_name(exc)}"] += 1
                 return
-            counts[kind] += 1
-            if kind == "read":
-                try:
-                    status, _ = await client.call("GET", f"/v1/products/{rng.choice(products)}")
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    client.errors[f"read {error_name(exc)}"] += 1
-                    return
-                if status != 200:
-                    client.errors[f"read http {status}"] += 1
-                    return
-                read_latency.append(time.monotonic() - scheduled)
+            if status != 200:
+                client.errors[f"read http {status}"] += 1
                 return
-            if kind == "order":
-                path = "/v1/orders"
-                body: dict[str, Any] = {
-                    "userId": rng.randint(1, 1_000_000),
-                    "orderLines": [{"productId": rng.choice(products), "quantity": 1}],
-                }
-            elif kind == "charge":
-                path = "/v1/points/charge"
-                body = {"userId": rng.randint(users_lo, users_hi), "amount": rng.randint(1, 100)}
-            else:
-                path = f"/v1/coupons/{rng.choice(coupons)}/issue"
-                body = {"userId": rng.randint(1, 1_000_000)}
-            accepted, state = await client.submit(path, body)
-            if accepted is None:
-                return
-            accept_at.append(accepted - start)
-            accept_latency.append(accepted - scheduled)
-            if state is None:
-                return
-            finished = time.monotonic()
-            done_at.append(finished - start)
-            complete_latency.append(finished - scheduled)
-            outcomes[f"{kind} {state}"] += 1
+            read_latency.append(time.monotonic() - scheduled)
+            return
+        if kind == "order":
+            path = "/v1/orders"
+            body: dict[str, Any] = {
+                "userId": rng.randint(1, 1_000_000),
+                "orderLines": [{"productId": rng.choice(products), "quantity": 1}],
+            }
+        elif kind == "charge":
+            path = "/v1/points/charge"
+            body = {"userId": rng.randint(users_lo, users_hi), "amount": rng.randint(1, 100)}
+        else:
+            path = f"/v1/coupons/{rng.choice(coupons)}/issue"
+            body = {"userId": rng.randint(1, 1_000_000)}
+        accepted, state = await client.submit(path, body)
+        if accepted is None:
+            return
+        accept_at.append(accepted - start)
+        accept_latency.append(accepted - scheduled)
+        if state is None:
+            return
+        finished = time.monotonic()
+        done_at.append(finished - start)
+        complete_latency.append(finished - scheduled)
+        outcomes[f"{kind} {state}"] += 1
 
-        print("LOADGEN_EVENT started", flush=True)
-        arrivals, worst_lag = await open_loop(rate, seconds, start, arrival, in_flight)
-        end_of_schedule = time.monotonic()
-        print("LOADGEN_EVENT scheduled", flush=True)
-        if in_flight:
-            await asyncio.wait(set(in_flight), timeout=cfg["give_up_after"] + 15)
-        unfinished = len(in_flight)
-        for task in list(in_flight):
-            task.cancel()
-        tail = time.monotonic() - end_of_schedule
+    print("LOADGEN_EVENT started", flush=True)
+    arrivals, worst_lag = await open_loop(rate, seconds, start, arrival, in_flight)
+    end_of_schedule = time.monotonic()
+    print("LOADGEN_EVENT scheduled", flush=True)
+    if in_flight:
+        await asyncio.wait(set(in_flight), timeout=cfg["give_up_after"] + 15)
+    unfinished = len(in_flight)
+    for task in list(in_flight):
+        task.cancel()
+    tail = time.monotonic() - end_of_schedule
+    pool.close()
 
     def within(at: list[float]) -> int:
         return sum(1 for t in at if t <= seconds)
@@ -256,6 +260,8 @@ async def mixed(cfg: dict[str, Any]) -> dict[str, Any]:
         "unfinished_at_exit": unfinished,
         "direct": client.direct,
         "polls": client.polls,
+        "connections_opened": pool.opened,
+        "resent_on_stale_connection": pool.resent,
         "generator_worst_lag_ms": round(worst_lag * 1e3, 1),
         "tail_s": round(tail, 2),
     }
@@ -283,9 +289,9 @@ async def probe(
                     "userId": rng.randint(1, 1_000_000),
                     "orderLines": [{"productId": rng.choice(products), "quantity": 1}],
                 }
-                status, _ = await client.call("POST", "/v1/orders", json=body)
+                status, _ = await client.call("POST", "/v1/orders", body)
                 ok, into, what = status == 202, posts, "POST"
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except NET_ERRORS as exc:
             client.errors[f"probe {'read' if i % 2 else 'POST'} {error_name(exc)}"] += 1
             if isinstance(exc, TimeoutError):
                 # Censored at the client's timeout: the p99 must not forget the worst.
@@ -309,64 +315,54 @@ async def longpoll(cfg: dict[str, Any]) -> dict[str, Any]:
     clients = int(cfg["clients"])
     wait = int(cfg["wait"])
     users_lo, _ = cfg["charge_users"]
-    probe_timeout = aiohttp.ClientTimeout(total=10)
-    async with (
-        aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=200), timeout=probe_timeout
-        ) as probe_session,
-        aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=clients + 10),
-            timeout=aiohttp.ClientTimeout(total=wait + 30),
-        ) as hold_session,
-    ):
-        prober = Client(cfg["base"], probe_session, 0, 0, 0)
-        unloaded = await probe(prober, cfg, rng)
+    probe_pool, hold_pool = Pool.for_url(cfg["base"]), Pool.for_url(cfg["base"])
+    prober = Client(probe_pool, 0, 0, 0)
+    unloaded = await probe(prober, cfg, rng)
 
-        # Jobs that stay PENDING (no partition worker runs): one point charge per client.
-        job_ids: list[str] = []
-        sem = asyncio.Semaphore(32)
+    # Jobs that stay PENDING (no partition worker runs): one point charge per client.
+    job_ids: list[str] = []
+    sem = asyncio.Semaphore(32)
 
-        async def accept(i: int) -> None:
-            async with sem:
-                try:
-                    status, doc = await prober.call(
-                        "POST",
-                        "/v1/points/charge",
-                        json={"userId": users_lo + i, "amount": 1},
-                        headers=JSON_HEADERS,
-                    )
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    prober.errors[f"setup POST {error_name(exc)}"] += 1
-                    return
-                if status == 202 and isinstance(doc, dict):
-                    job_ids.append(str(doc["jobId"]))
-                else:
-                    prober.errors[f"setup POST http {status}"] += 1
-
-        await asyncio.gather(*(accept(i) for i in range(clients)))
-
-        answered: list[tuple[float, str]] = []
-        holder = Client(cfg["base"], hold_session, 0, wait, 0)
-
-        async def hold(job_id: str) -> None:
+    async def accept(i: int) -> None:
+        async with sem:
             try:
-                status, doc = await holder.call("GET", f"/v1/jobs/{job_id}?wait={wait}")
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                holder.errors[f"held poll {error_name(exc)}"] += 1
+                status, doc = await prober.call(
+                    "POST", "/v1/points/charge", {"userId": users_lo + i, "amount": 1}
+                )
+            except NET_ERRORS as exc:
+                prober.errors[f"setup POST {error_name(exc)}"] += 1
                 return
-            state = doc.get("status") if isinstance(doc, dict) else f"http {status}"
-            answered.append((time.monotonic(), str(state)))
+            if status == 202 and isinstance(doc, dict):
+                job_ids.append(str(doc["jobId"]))
+            else:
+                prober.errors[f"setup POST http {status}"] += 1
 
-        held_at = time.monotonic()
-        polls = [asyncio.ensure_future(hold(j)) for j in job_ids]
-        await asyncio.sleep(cfg.get("settle_seconds", 2.0))
-        early = len(answered)
-        loaded = await probe(prober, cfg, rng)
-        still_held = len(job_ids) - len(answered)
-        print("LOADGEN_EVENT probed", flush=True)
-        released_at = time.monotonic()
-        await asyncio.wait(polls, timeout=wait + 35)
-        woken = [t - released_at for t, state in answered if state in ("SUCCEEDED", "FAILED")]
+    await asyncio.gather(*(accept(i) for i in range(clients)))
+
+    answered: list[tuple[float, str]] = []
+    holder = Client(hold_pool, 0, wait, 0, timeout=wait + 30)
+
+    async def hold(job_id: str) -> None:
+        try:
+            status, doc = await holder.call("GET", f"/v1/jobs/{job_id}?wait={wait}")
+        except NET_ERRORS as exc:
+            holder.errors[f"held poll {error_name(exc)}"] += 1
+            return
+        state = doc.get("status") if isinstance(doc, dict) else f"http {status}"
+        answered.append((time.monotonic(), str(state)))
+
+    held_at = time.monotonic()
+    polls = [asyncio.ensure_future(hold(j)) for j in job_ids]
+    await asyncio.sleep(cfg.get("settle_seconds", 2.0))
+    early = len(answered)
+    loaded = await probe(prober, cfg, rng)
+    still_held = len(job_ids) - len(answered)
+    print("LOADGEN_EVENT probed", flush=True)
+    released_at = time.monotonic()
+    await asyncio.wait(polls, timeout=wait + 35)
+    woken = [t - released_at for t, state in answered if state in ("SUCCEEDED", "FAILED")]
+    probe_pool.close()
+    hold_pool.close()
 
     def delta(key: str) -> float | None:
         a, b = loaded[key]["p99_ms"], unloaded[key]["p99_ms"]

@@ -407,40 +407,37 @@ def ceiling_celery(run: Run) -> list[Row]:
 # ---- open loop, fire and forget (wrk) ------------------------------------------------
 
 
-def applied_orders(base: str, product_ids: list[int]) -> int:
-    taken = 0
-    for product_id in product_ids:
-        taken += (
-            STOCK - requests.get(f"{base}/v1/products/{product_id}", timeout=10).json()["stock"]
-        )
-    return taken
+def applied_orders(url: str, product_ids: list[int]) -> int:
+    """Stock taken so far (SQL, so the harness adds no requests to the web processes)."""
+    with checks.connect(url) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(%s - stock), 0) FROM products WHERE id = ANY(%s)",
+            (STOCK, product_ids),
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
-def charged_points(base: str, user: int) -> int:
-    return int(requests.get(f"{base}/v1/points/{user}", timeout=10).json()["amount"])
+def charged_points(url: str, user: int) -> int:
+    with checks.connect(url) as conn:
+        row = conn.execute("SELECT balance FROM points WHERE user_id = %s", (user,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def measure_applied(
-    probe: Callable[[], int], run_load: Callable[[], dict[str, Any]]
+    url: str, probe: Callable[[], int], run_load: Callable[[], dict[str, Any]], timeout: float
 ) -> tuple[dict[str, Any], float, float]:
-    """Run the load while sampling ``probe`` (applied so far); then time the drain."""
+    """Run the load; (its stats, applied/s during it, applied/s of the drain after it)."""
     before = probe()
     t0 = time.monotonic()
     stats = run_load()
-    during = probe() - before
+    at_end = probe()
     elapsed = time.monotonic() - t0
-    # Drain: until two reads a second apart agree.
-    drained_from, t_drain = probe(), time.monotonic()
-    last = drained_from
-    while True:
-        time.sleep(1.0)
-        now = probe()
-        if now == last:
-            break
-        last = now
-    drain_elapsed = max(time.monotonic() - t_drain - 1.0, 1e-3)
-    drain_rate = (last - drained_from) / drain_elapsed if last > drained_from else float("nan")
-    return stats, during / elapsed, drain_rate
+    t_end = time.monotonic()
+    while sum(checks.pending(url).values()) and time.monotonic() - t_end < timeout:
+        time.sleep(0.05)
+    drained = probe() - at_end
+    drain_rate = drained / (time.monotonic() - t_end) if drained else float("nan")
+    return stats, (at_end - before) / elapsed, drain_rate
 
 
 def open_row(scenario: str, system: str, stats: dict[str, Any], **extra: Any) -> Row:
@@ -458,33 +455,35 @@ def open_row(scenario: str, system: str, stats: dict[str, Any], **extra: Any) ->
 
 
 def open_loop(run: Run) -> list[Row]:
-    base, seconds, rows = run.base, run.args.seconds, []
+    base, url, seconds, rows = run.base, run.pg.url, run.args.seconds, []
     loads: list[tuple[str, str, dict[str, str], Callable[[], int]]] = [
         (
             "orders, 200 products",
             "orders.lua",
             {"PRODUCT_LO": str(run.spread[0]), "PRODUCT_HI": str(run.spread[-1])},
-            lambda: applied_orders(base, run.spread),
+            lambda: applied_orders(url, run.spread),
         ),
         (
             "orders, 1 hot product",
             "orders.lua",
             {"PRODUCT_LO": str(run.hot), "PRODUCT_HI": str(run.hot)},
-            lambda: applied_orders(base, [run.hot]),
+            lambda: applied_orders(url, [run.hot]),
         ),
         (
             "point charges, 1 hot user",
             "points.lua",
             {"USER_LO": str(HOT_POINTS_USER), "USER_HI": str(HOT_POINTS_USER)},
-            lambda: charged_points(base, HOT_POINTS_USER),
+            lambda: charged_points(url, HOT_POINTS_USER),
         ),
     ]
     for scenario, script, env, probe in loads:
         row: Row = {"scenario": scenario, "system": "this service"}
         with run.measured(row, run.service_groups) as extra:
             stats, applied, drain = measure_applied(
+                url,
                 probe,
                 lambda script=script, env=env: wrk(base, script, seconds, env, run.work),
+                run.args.drain_timeout,
             )
             extra["generator"] = stats["generator_cpu_s"]
         row.update(
