@@ -187,10 +187,10 @@ async def mixed(cfg: dict[str, Any]) -> dict[str, Any]:
 
     async def arrival(_i: int, scheduled: float) -> None:
         kind = rng.choices(kinds, weights)[0]
+        counts[kind] += 1
         if len(in_flight) > max_in_flight:
             client.errors["not sent: generator in-flight cap"] += 1
             return
-        counts[kind] += 1
         if kind == "read":
             try:
                 status, _ = await client.call("GET", f"/v1/products/{rng.choice(products)}")
@@ -241,12 +241,12 @@ async def mixed(cfg: dict[str, Any]) -> dict[str, Any]:
     def within(at: list[float]) -> int:
         return sum(1 for t in at if t <= seconds)
 
-    jobs_sent = counts["order"] + counts["charge"] + counts["issue"]
+    jobs_offered = counts["order"] + counts["charge"] + counts["issue"]
     return {
         "offered_per_s": arrivals / seconds,
         "arrivals": arrivals,
-        "sent": dict(counts),
-        "jobs_sent": jobs_sent,
+        "offered": dict(counts),
+        "jobs_offered": jobs_offered,
         "accepted": len(accept_at),
         "accepted_per_s": within(accept_at) / seconds,
         "completed": len(done_at),

@@ -71,6 +71,7 @@ RATIOS: list[Column] = [
 MIXED: list[Column] = [
     *NAME,
     col("offered/s", "offered_per_s"),
+    col("jobs offered/s", "jobs_offered_per_s"),
     col("accepted/s", "accepted_per_s"),
     col("completed/s", "completed_per_s"),
     col("completion p50 ms", "completion_p50_ms", 1),

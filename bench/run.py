@@ -686,6 +686,7 @@ def mixed(run: Run) -> list[Row]:
         row.update(
             per_s=result["completed_per_s"],
             offered_per_s=result["offered_per_s"],
+            jobs_offered_per_s=result["jobs_offered"] / args.mixed_seconds,
             accepted_per_s=result["accepted_per_s"],
             completed_per_s=result["completed_per_s"],
             completion_p50_ms=result["completion"]["p50_ms"],
