@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,26 @@ class CpuMeter:
             ticks = sum(max(t - before.get(pid, 0), 0) for pid, t in roots.items())
             out[name] = ticks / TICK
         return out
+
+
+def wait_idle(
+    roots: list[int], *, below: float = 0.05, interval: float = 0.5, timeout: float = 60
+) -> float:
+    """Wait until the trees of ``roots`` use under ``below`` cores (workers done booting).
+
+    gunicorn answers once its first worker is up while the others still import
+    their app; a load started then would count (and compete with) their start-up.
+    Returns the seconds waited.
+    """
+    started = time.monotonic()
+    last = tree_ticks(_read_all(), roots)
+    while time.monotonic() - started < timeout:
+        time.sleep(interval)
+        now = tree_ticks(_read_all(), roots)
+        if (now - last) / TICK / interval < below:
+            break
+        last = now
+    return time.monotonic() - started
 
 
 def run_measured(

@@ -180,7 +180,6 @@ def _bars(ax: Any, groups: list[tuple[str, list[float]]], labels: list[str]) -> 
         offset = (k - (len(groups) - 1) / 2) * width
         ax.bar([x + offset for x in range(len(values))], values, width, label=label)
     ax.set_xticks(range(len(labels)), labels)
-    ax.legend(fontsize=7)
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -217,6 +216,7 @@ def plot(rows: list[Row], path: Path) -> None:
             if r.get("section") == "open" and r["scenario"] == "orders, 200 products":
                 ax.axhline(r["per_s"], linestyle=":", color="gray", linewidth=1)
                 ax.annotate(f"open loop orders: {r['system']}", (0, r["per_s"]), fontsize=6)
+        ax.legend(fontsize=7)
         ax.set_title("open loop mixed: per second", fontsize=9)
         ax = axes[1][1]
         _bars(
@@ -229,6 +229,7 @@ def plot(rows: list[Row], path: Path) -> None:
         )
         ax.axhline(1000, color="red", linestyle="--", linewidth=1, label="target p99 1 s")
         ax.set_yscale("log")
+        ax.legend(fontsize=7)
         ax.set_title("open loop mixed: completion latency (log scale)", fontsize=9)
     fig.suptitle("Shop back end vs the straight design (one run, the same 2 cores)")
     fig.tight_layout()

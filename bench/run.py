@@ -50,7 +50,7 @@ import redis
 import requests
 
 from bench import checks
-from bench.procstat import CpuMeter, run_measured, wait_measured
+from bench.procstat import CpuMeter, run_measured, wait_idle, wait_measured
 from bench.report import fmt, markdown, plot, verdict
 from shared.config import Settings
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, migrate
@@ -159,6 +159,7 @@ def gunicorn(
         start_new_session=True,
     )
     wait_http(f"http://127.0.0.1:{port}/")
+    wait_idle([proc.pid])
     return proc
 
 
@@ -786,8 +787,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seconds", type=int, default=15, help="wrk duration per load (default 15)")
     p.add_argument("--users", type=int, help="users of both closed-loop scenarios")
-    p.add_argument("--spread-users", type=int, default=32)
-    p.add_argument("--hot-users", type=int, default=64)
+    p.add_argument("--spread-users", type=int, default=32, help="closed-spread users (32)")
+    p.add_argument("--hot-users", type=int, default=64, help="closed-hot users (64)")
     p.add_argument(
         "--models",
         type=csv(str),
@@ -823,24 +824,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="mixed: requests in flight before arrivals are dropped (default 5000)",
     )
     p.add_argument("--coupons", type=int, default=10, help="coupons of the mixed load")
-    p.add_argument("--coupon-quantity", type=int, default=1000)
-    p.add_argument("--longpoll-clients", type=int, default=2000)
-    p.add_argument("--longpoll-wait", type=int, default=30)
-    p.add_argument("--longpoll-target-ms", type=float, default=50)
+    p.add_argument("--coupon-quantity", type=int, default=1000, help="totalQuantity of each")
+    p.add_argument("--longpoll-clients", type=int, default=2000, help="polls held (2000)")
+    p.add_argument("--longpoll-wait", type=int, default=30, help="their ?wait= (30)")
+    p.add_argument("--longpoll-target-ms", type=float, default=50, help="allowed p99 increase (50)")
     p.add_argument(
         "--probe-rate",
         type=float,
         default=50,
         help="longpoll: reads/s and POSTs/s of the probe (default 50 each)",
     )
-    p.add_argument("--probe-seconds", type=float, default=10)
+    p.add_argument("--probe-seconds", type=float, default=10, help="each probe's length (10)")
     p.add_argument(
         "--drain-timeout",
         type=float,
         default=120,
         help="seconds a load's jobs may take to drain before it is a violation",
     )
-    p.add_argument("--noop-tasks", type=int, default=5000)
+    p.add_argument("--noop-tasks", type=int, default=5000, help="Celery ceiling's tasks")
     p.add_argument(
         "--stack-env",
         action="append",
@@ -905,6 +906,7 @@ def start_service(run: Run) -> None:
         admin_token=ADMIN_TOKEN,
         extra_env=stack_env(run.args),
     ).start_all()
+    wait_idle([p.pid for p in run.stack.procs.values()])
     run.hot, *run.spread = create_products(run.base, "bench", 201)
     run.baseline_hot, *run.baseline_spread = create_products(run.base, "baseline", 201)
     run.coupons = create_coupons(run.base, run.args.coupons, run.args.coupon_quantity)
