@@ -451,6 +451,7 @@ def open_row(scenario: str, system: str, stats: dict[str, Any], **extra: Any) ->
         "p99_ms": stats["p99_us"] / 1e3,
         "non2xx": stats["non2xx"],
         "errors": stats["socket_errors"],
+        "wrk": stats,
         **extra,
     }
 
