@@ -199,7 +199,12 @@ class BacklogSampler:
         if self._thread is not None:
             self._thread.join(10)
         totals = [sum(s.values()) for _, s in self.samples]
+        by_partition: dict[str, int] = {}
+        for _, sample in self.samples:
+            for partition, n in sample.items():
+                by_partition[partition] = max(n, by_partition.get(partition, 0))
         return {
+            "max_by_partition": dict(sorted(by_partition.items())),
             "max_total": max(totals, default=0),
             "max_partition": max((max(s.values(), default=0) for _, s in self.samples), default=0),
             "last_total": totals[-1] if totals else 0,

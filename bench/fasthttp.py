@@ -128,7 +128,8 @@ class Pool:
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
-            if not conn.closed and now - conn.idle_since < self.max_idle:
+            # Bytes nobody asked for mean the connection is out of step: never reuse it.
+            if not conn.closed and not conn.buf and now - conn.idle_since < self.max_idle:
                 return conn
             if conn.transport is not None:
                 conn.transport.close()
