@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import re
 import shutil
@@ -946,6 +947,17 @@ def execute(args: argparse.Namespace, stamp: str) -> list[Row]:
     return rows
 
 
+def strict(value: Any) -> Any:
+    """JSON has no NaN: None instead (a ratio or rate that could not be computed)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if shutil.which("wrk") is None:
@@ -968,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio_rows = ratios(rows)
     text = markdown(rows, ratio_rows, meta)
     (RESULTS / f"{stamp}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "ratios": ratio_rows}, indent=2, default=str)
+        json.dumps(strict({"meta": meta, "rows": rows, "ratios": ratio_rows}), indent=2)
     )
     (RESULTS / f"{stamp}.md").write_text(text + "\n")
     plot(rows, RESULTS / f"{stamp}.png")
