@@ -84,6 +84,7 @@ MIXED: list[Column] = [
     ),
     ("backlog at end of load", lambda r: fmt(r["backlog"]["at_end_of_load"])),
     col("drain s", "drain_s", 1),
+    col("generator lag ms", "generator_lag_ms", 1),
     INVARIANTS,
 ]
 

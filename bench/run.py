@@ -188,7 +188,6 @@ class Run:
     baseline_hot: int = 0
     baseline_spread: list[int] = dataclasses.field(default_factory=list)
     coupons: list[int] = dataclasses.field(default_factory=list)
-    rows: list[Row] = dataclasses.field(default_factory=list)
 
     @property
     def base(self) -> str:
@@ -696,6 +695,7 @@ def mixed(run: Run) -> list[Row]:
             completion_p99_ms=result["completion"]["p99_ms"],
             read_p99_ms=result["read"]["p99_ms"],
             errors=result["error_count"],
+            generator_lag_ms=result["generator_worst_lag_ms"],
             backlog=backlog,
             loadgen=result,
         )
