@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from shared.broker import TRANSPORT as BROKER_TRANSPORT
 from shared.config import Settings
 from shared.jobs import DRAIN_TASK, HISTORY_TASK, task_for_queue
 from workers.base import RetryLater, Runtime, drain_partition
@@ -36,6 +37,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app = Celery("shop", set_as_current=False)
     app.conf.update(
         broker_url=settings.broker_url,
+        broker_transport=BROKER_TRANSPORT,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         task_serializer="json",
