@@ -24,12 +24,13 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    case,
     column,
     func,
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
 from sqlalchemy.orm import Session
 
 from shared.domain.errors import ErrorCode
@@ -234,34 +235,70 @@ def record(
     return Recorded(existing, created=False)
 
 
+_GET_JOB = _SELECT.where(_jobs.c.id == bindparam("job_id"))
+
+
 def get_job(executor: Executor, job_id: uuid.UUID) -> JobRecord | None:
-    row = executor.execute(_SELECT.where(_jobs.c.id == job_id)).one_or_none()
+    row = executor.execute(_GET_JOB, {"job_id": job_id}).one_or_none()
     return None if row is None else _record_of(row)
 
 
+_FINISHED_AMONG = _SELECT.where(
+    _jobs.c.id == func.any(bindparam("job_ids", type_=ARRAY(UUID(as_uuid=True)))),
+    _jobs.c.status != JobStatus.PENDING.value,
+)
+
+
 def get_finished_jobs(executor: Executor, job_ids: list[uuid.UUID]) -> list[JobRecord]:
-    """Those of ``job_ids`` that have finished (one query, however many are asked)."""
+    """Those of ``job_ids`` that have finished (one query with one array parameter,
+    however many are asked)."""
     if not job_ids:
         return []
-    rows = executor.execute(
-        _SELECT.where(_jobs.c.id.in_(job_ids), _jobs.c.status != JobStatus.PENDING.value)
+    return [_record_of(row) for row in executor.execute(_FINISHED_AMONG, {"job_ids": job_ids})]
+
+
+_ahead = _jobs.alias("ahead")
+_AHEAD = (
+    select(_ahead.c.seq)
+    .where(
+        _ahead.c.partition == _jobs.c.partition,
+        _ahead.c.status == JobStatus.PENDING.value,
+        _ahead.c.seq < _jobs.c.seq,
     )
-    return [_record_of(row) for row in rows]
+    .limit(POSITION_CAP)
+    .correlate(_jobs)
+    .subquery()
+)
+# A job and, only while it is PENDING (CASE does not run the count otherwise), how many
+# PENDING jobs of its partition were committed before it: one round trip.
+_GET_JOB_WITH_POSITION = select(
+    *_jobs.c,
+    case(
+        (
+            _jobs.c.status == JobStatus.PENDING.value,
+            select(func.count()).select_from(_AHEAD).scalar_subquery(),
+        ),
+        else_=None,
+    ).label("ahead"),
+).where(_jobs.c.id == bindparam("job_id"))
+
+
+def get_job_with_position(
+    executor: Executor, job_id: uuid.UUID
+) -> tuple[JobRecord, int | None] | None:
+    """The job and, if it is PENDING, its ``position.ahead`` (exact up to POSITION_CAP)."""
+    row = executor.execute(_GET_JOB_WITH_POSITION, {"job_id": job_id}).one_or_none()
+    if row is None:
+        return None
+    fields = dict(row._mapping)
+    ahead = fields.pop("ahead")
+    return JobRecord(**fields), ahead
 
 
 def jobs_ahead(executor: Executor, job: JobRecord) -> int:
     """PENDING jobs of the job's partition committed before it, counted up to POSITION_CAP."""
-    ahead = (
-        select(_jobs.c.seq)
-        .where(
-            _jobs.c.partition == job.partition,
-            _jobs.c.status == JobStatus.PENDING.value,
-            _jobs.c.seq < job.seq,
-        )
-        .limit(POSITION_CAP)
-        .subquery()
-    )
-    return int(executor.execute(select(func.count()).select_from(ahead)).scalar_one())
+    found = get_job_with_position(executor, job.id)
+    return 0 if found is None or found[1] is None else found[1]
 
 
 def job_document(

@@ -245,9 +245,7 @@ def _insert_orders(
                 "line_quantities": [line.quantity for _, line in lines],
                 "line_prices": [products[line.product_id].price for _, line in lines],
             },
-        )
-        .tuples()
-        .all()
+        ).all()
     )
     return [
         PlacedOrder(ids[n], OrderStatus.READY.value, o.user_id, total)
