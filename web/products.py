@@ -15,9 +15,13 @@ from shared.domain.products import (
     list_products,
     product_document,
 )
+from shared.domain.sales import top_sellers
+from shared.formats import rfc3339
 from shared.jobs import JobKind
+from shared.top_sellers_cache import MAX_TOP, TopSellersCache
 from web.api import operation, query_or_body
 from web.publish import accept_job
+from web.render import render
 from web.schemas import (
     JobAccepted,
     Page,
@@ -26,6 +30,9 @@ from web.schemas import (
     ProductView,
     StockBody,
     StockQuery,
+    TopSellerItem,
+    TopSellersQuery,
+    TopSellersView,
 )
 from web.session import db_session, read_session
 
@@ -58,6 +65,39 @@ def post_product(body: ProductCreate) -> Response:
     response.status_code = 201
     response.headers["Location"] = f"/v1/products/{product.id}"
     return response
+
+
+@operation(
+    bp,
+    "/top",
+    "GET",
+    summary="Best sellers by units in the orders of the last `days` x 24 hours not FAILED"
+    " (cached: generatedAt is when it was computed, at most 60 s ago)",
+    query=TopSellersQuery,
+    responses={200: TopSellersView},
+)
+def get_top_products(query: TopSellersQuery) -> Response:
+    cache: TopSellersCache = current_app.extensions["top_sellers_cache"]
+    ranking = cache.get(query.days)
+    if ranking is None:
+        top = top_sellers(read_session(), days=query.days, limit=MAX_TOP)
+        ranking = {
+            "items": [
+                TopSellerItem(
+                    product_id=t.product_id, name=t.name, price=t.price, units_sold=t.units_sold
+                ).model_dump(by_alias=True)
+                for t in top.items
+            ],
+            "generatedAt": rfc3339(top.generated_at),
+        }
+        cache.put(query.days, ranking)
+    return render(
+        TopSellersView(
+            items=[TopSellerItem.model_validate(item) for item in ranking["items"][: query.limit]],
+            days=query.days,
+            generated_at=ranking["generatedAt"],
+        )
+    )
 
 
 @operation(

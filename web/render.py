@@ -43,6 +43,15 @@ def order_view(order: Order, lines: list[OrderLine]) -> schemas.OrderView:
             )
             for line in lines
         ],
+        payment=schemas.PaymentView(
+            paid_amount=order.paid_amount,
+            discount_amount=order.discount_amount or 0,
+            coupon_id=order.coupon_id,
+            paid_at=rfc3339(order.paid_at),
+        )
+        if order.paid_at is not None and order.paid_amount is not None
+        else None,
+        expires_at=rfc3339(order.expires_at) if order.expires_at else None,
         created_at=rfc3339(order.created_at),
         updated_at=rfc3339(order.updated_at),
     )
@@ -66,4 +75,6 @@ def user_coupon_item(user_coupon: UserCoupon, coupon: Coupon) -> schemas.UserCou
         name=coupon.name,
         discount_amount=coupon.discount_amount,
         issued_at=rfc3339(user_coupon.issued_at),
+        used_at=rfc3339(user_coupon.used_at) if user_coupon.used_at else None,
+        order_id=user_coupon.order_id,
     )

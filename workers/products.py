@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy.orm import Session
 
 from shared.domain.inventory import InventoryRequest, PlacedOrder, StockSet, apply_inventory
@@ -20,9 +22,13 @@ def _request(job: Job) -> InventoryRequest:
 
 @handles(PartitionKind.PRODUCT)
 def apply_product_jobs(
-    _rt: Runtime, session: Session, jobs: list[Job], effects: Effects
+    rt: Runtime, session: Session, jobs: list[Job], effects: Effects
 ) -> list[Outcome]:
-    applied = apply_inventory(session, [_request(j) for j in jobs])
+    applied = apply_inventory(
+        session,
+        [_request(j) for j in jobs],
+        payment_timeout=dt.timedelta(seconds=rt.settings.order_payment_timeout_seconds),
+    )
     effects.products |= applied.changed_products
     effects.history |= applied.orders_placed
     return [order_result(o) if isinstance(o, PlacedOrder) else o for o in applied.outcomes]

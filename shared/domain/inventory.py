@@ -20,8 +20,9 @@ from sqlalchemy import BigInteger, column, func, insert, update, values
 from sqlalchemy.orm import Session
 
 from shared.domain.errors import DomainError, InsufficientStock, ProductNotFound, unwrap
-from shared.domain.orders import OrderStatus
+from shared.domain.orders import DEFAULT_PAYMENT_TIMEOUT, OrderStatus
 from shared.domain.products import lock_products
+from shared.domain.sales import count_sales
 from shared.formats import rfc3339
 from shared.models import Order, OrderLine, Outbox, Product
 
@@ -81,14 +82,20 @@ def _decide_order(
     return None
 
 
-def apply_inventory(session: Session, requests: list[InventoryRequest]) -> InventoryOutcomes:
+def apply_inventory(
+    session: Session,
+    requests: list[InventoryRequest],
+    *,
+    payment_timeout: dt.timedelta = DEFAULT_PAYMENT_TIMEOUT,
+) -> InventoryOutcomes:
     """Apply stock sets and orders in order; one outcome per request.
 
     An order takes every line or nothing.  Each changed product is written once
     with a compare-and-set UPDATE (``WHERE stock = <stock read under lock>``)
     that also bumps its version; ``ck_products_stock_non_negative`` refuses a
     negative stock on its own.  Orders are written READY with their lines (unit
-    price = the price when ordered) and one outbox row each.
+    price = the price when ordered), ``expires_at`` = creation + ``payment_timeout``
+    and one outbox row each; their units go to the best-seller aggregate.
     Refusals: ``ProductNotFound``, ``InsufficientStock``.
     """
     ids = sorted(
@@ -121,7 +128,9 @@ def apply_inventory(session: Session, requests: list[InventoryRequest]) -> Inven
         decided.append(r)
 
     written = _write_stock(session, {pid: (start[pid], stock[pid]) for pid in sorted(touched)})
-    placed = _insert_orders(session, [d for d in decided if isinstance(d, OrderRequest)], products)
+    placed_requests = [d for d in decided if isinstance(d, OrderRequest)]
+    placed = _insert_orders(session, placed_requests, products, payment_timeout)
+    count_sales(session, _units(placed_requests))
     outcomes: list[InventoryOutcome] = []
     for index, d in enumerate(decided):
         if isinstance(d, DomainError):
@@ -158,8 +167,19 @@ def _write_stock(session: Session, changes: dict[int, tuple[int, int]]) -> dict[
     return written
 
 
+def _units(orders: list[OrderRequest]) -> dict[int, int]:
+    units: dict[int, int] = {}
+    for o in orders:
+        for line in o.lines:
+            units[line.product_id] = units.get(line.product_id, 0) + line.quantity
+    return units
+
+
 def _insert_orders(
-    session: Session, orders: list[OrderRequest], products: dict[int, Product]
+    session: Session,
+    orders: list[OrderRequest],
+    products: dict[int, Product],
+    payment_timeout: dt.timedelta,
 ) -> list[PlacedOrder]:
     if not orders:
         return []
@@ -174,7 +194,10 @@ def _insert_orders(
     ]
     order_ids = list(
         session.execute(
-            insert(Order).returning(Order.id, sort_by_parameter_order=True), rows
+            insert(Order)
+            .values(expires_at=func.now() + payment_timeout)
+            .returning(Order.id, sort_by_parameter_order=True),
+            rows,
         ).scalars()
     )
     session.execute(
@@ -212,10 +235,19 @@ def _document(product: Product, stock: int, updated_at: dt.datetime) -> dict[str
 
 
 def create_order(
-    session: Session, user_id: int, lines: list[LineRequest], *, job_id: uuid.UUID | None = None
+    session: Session,
+    user_id: int,
+    lines: list[LineRequest],
+    *,
+    job_id: uuid.UUID | None = None,
+    payment_timeout: dt.timedelta = DEFAULT_PAYMENT_TIMEOUT,
 ) -> Order:
     """Place one order (a batch of one).  Raises ``ProductNotFound``, ``InsufficientStock``."""
-    placed = unwrap(apply_inventory(session, [OrderRequest(user_id, lines, job_id)]).outcomes[0])
+    placed = unwrap(
+        apply_inventory(
+            session, [OrderRequest(user_id, lines, job_id)], payment_timeout=payment_timeout
+        ).outcomes[0]
+    )
     assert isinstance(placed, PlacedOrder)
     return session.get_one(Order, placed.id)
 
