@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, func, literal_column, select, text, update
+from sqlalchemy import ColumnElement, Select, Table, func, literal_column, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -94,28 +94,33 @@ def window_start(now: dt.datetime, days: int) -> dt.datetime:
     return start.replace(minute=0, second=0, microsecond=0)
 
 
-def top_sellers(session: Session, *, days: int, limit: int) -> TopSellers:
-    """The products with the most units in orders created in the window and not FAILED,
-    most first, ties by product id, only those with units > 0 (current name and price).
-
-    Reads the aggregate: a range scan of the window's hours, grouped per product,
-    top ``limit`` taken before the products are joined.
-    """
-    now: dt.datetime = session.execute(select(func.now())).scalar_one()
+def ranking_query(since: dt.datetime, limit: int) -> Select[tuple[int, str, int, Any]]:
+    """The ranking's one statement: a range scan of the window's hours, grouped per
+    product, the top ``limit`` taken before the products are joined."""
     units = func.sum(ProductSales.units).label("units")
     ranked = (
         select(ProductSales.product_id, units)
-        .where(ProductSales.hour >= window_start(now, days))
+        .where(ProductSales.hour >= since)
         .group_by(ProductSales.product_id)
         .having(units > 0)
         .order_by(units.desc(), ProductSales.product_id)
         .limit(limit)
         .subquery("ranked")
     )
-    rows = session.execute(
+    return (
         select(ranked.c.product_id, Product.name, Product.price, ranked.c.units)
         .join(Product, Product.id == ranked.c.product_id)
         .order_by(ranked.c.units.desc(), ranked.c.product_id)
     )
+
+
+def top_sellers(session: Session, *, days: int, limit: int) -> TopSellers:
+    """The products with the most units in orders created in the window and not FAILED,
+    most first, ties by product id, only those with units > 0 (current name and price).
+
+    Reads the aggregate (``ranking_query``), never ``order_lines``.
+    """
+    now: dt.datetime = session.execute(select(func.now())).scalar_one()
+    rows = session.execute(ranking_query(window_start(now, days), limit))
     items = [TopSeller(r.product_id, r.name, r.price, int(r.units)) for r in rows]
     return TopSellers(items, days, now)
