@@ -37,7 +37,7 @@ class TopSellersCache:
         self._down_until = 0.0
 
     def get(self, days: int) -> dict[str, Any] | None:
-        """The cached ranking of ``days`` (``{"items", "generatedAt"}``), or None."""
+        """The cached ranking of ``days`` (the answer's document, top ``MAX_TOP``), or None."""
         if time.monotonic() < self._down_until:
             return None
         try:

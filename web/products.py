@@ -16,12 +16,11 @@ from shared.domain.products import (
     product_document,
 )
 from shared.domain.sales import top_sellers
-from shared.formats import rfc3339
 from shared.jobs import JobKind
 from shared.top_sellers_cache import MAX_TOP, TopSellersCache
 from web.api import operation, query_or_body
 from web.publish import accept_job
-from web.render import render
+from web.render import render, top_sellers_ranking
 from web.schemas import (
     JobAccepted,
     Page,
@@ -30,7 +29,6 @@ from web.schemas import (
     ProductView,
     StockBody,
     StockQuery,
-    TopSellerItem,
     TopSellersQuery,
     TopSellersView,
 )
@@ -78,26 +76,14 @@ def post_product(body: ProductCreate) -> Response:
 )
 def get_top_products(query: TopSellersQuery) -> Response:
     cache: TopSellersCache = current_app.extensions["top_sellers_cache"]
-    ranking = cache.get(query.days)
-    if ranking is None:
-        top = top_sellers(read_session(), days=query.days, limit=MAX_TOP)
-        ranking = {
-            "items": [
-                TopSellerItem(
-                    product_id=t.product_id, name=t.name, price=t.price, units_sold=t.units_sold
-                ).model_dump(by_alias=True)
-                for t in top.items
-            ],
-            "generatedAt": rfc3339(top.generated_at),
-        }
-        cache.put(query.days, ranking)
-    return render(
-        TopSellersView(
-            items=[TopSellerItem.model_validate(item) for item in ranking["items"][: query.limit]],
-            days=query.days,
-            generated_at=ranking["generatedAt"],
-        )
-    )
+    cached = cache.get(query.days)
+    if cached is not None:
+        ranking = TopSellersView.model_validate(cached)
+    else:
+        ranking = top_sellers_ranking(top_sellers(read_session(), days=query.days, limit=MAX_TOP))
+        cache.put(query.days, ranking.model_dump(mode="json", by_alias=True))
+    # ``limit`` takes a prefix of the top MAX_TOP computed (and cached) per ``days``.
+    return render(ranking.model_copy(update={"items": ranking.items[: query.limit]}))
 
 
 @operation(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Response, jsonify
 from pydantic import BaseModel
 
+from shared.domain.sales import TopSellers
 from shared.formats import rfc3339
 from shared.models import Coupon, Job, Order, OrderLine, UserCoupon
 from web import schemas
@@ -77,4 +78,17 @@ def user_coupon_item(user_coupon: UserCoupon, coupon: Coupon) -> schemas.UserCou
         issued_at=rfc3339(user_coupon.issued_at),
         used_at=rfc3339(user_coupon.used_at) if user_coupon.used_at else None,
         order_id=user_coupon.order_id,
+    )
+
+
+def top_sellers_ranking(top: TopSellers) -> schemas.TopSellersView:
+    return schemas.TopSellersView(
+        items=[
+            schemas.TopSellerItem(
+                product_id=t.product_id, name=t.name, price=t.price, units_sold=t.units_sold
+            )
+            for t in top.items
+        ],
+        days=top.days,
+        generated_at=rfc3339(top.generated_at),
     )
