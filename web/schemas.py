@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from shared.domain.orders import OrderStatus
+from shared.top_sellers_cache import MAX_TOP
 
 MAX_ID = 2**63 - 1
 
@@ -180,7 +181,7 @@ class ProductView(Out):
 
 class TopSellersQuery(Query):
     days: Annotated[int, Field(ge=1, le=30), QueryInt] = 3
-    limit: Annotated[int, Field(ge=1, le=100), QueryInt] = 5
+    limit: Annotated[int, Field(ge=1, le=MAX_TOP), QueryInt] = 5
 
 
 class TopSellerItem(Out):
