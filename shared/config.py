@@ -83,6 +83,11 @@ class Settings:
     # Product read cache (ARCHITECTURE rule 5).
     cache_ttl_seconds: int = 600
 
+    # Orders: an unpaid order expires (FAILED, stock back) this long after its creation.
+    order_payment_timeout_seconds: int = 900
+    # The best-seller ranking is recomputed at most this often (API.md: at most 60 s old).
+    top_sellers_cache_seconds: int = 30
+
     # Database session tuning.
     db_pool_size: int = 10
     db_connect_timeout_seconds: int = 2
@@ -106,6 +111,10 @@ class Settings:
             raise ConfigError("WORKER_ID must not be negative")
         if self.batch_size < 1:
             raise ConfigError("BATCH_SIZE must be at least 1")
+        if self.order_payment_timeout_seconds < 1:
+            raise ConfigError("ORDER_PAYMENT_TIMEOUT_SECONDS must be at least 1")
+        if not 1 <= self.top_sellers_cache_seconds <= 60:
+            raise ConfigError("TOP_SELLERS_CACHE_SECONDS must be in 1..60")
         if self.rate_limit.lower() != "off" and not _RATE_LIMIT.match(self.rate_limit):
             raise ConfigError(
                 f"RATE_LIMIT must look like '200/second' or 'off', not {self.rate_limit!r}"

@@ -45,6 +45,7 @@ class JobKind(enum.StrEnum):
     STOCK_SET = "STOCK_SET"
     ORDER_CREATE = "ORDER_CREATE"
     COUPON_ISSUE = "COUPON_ISSUE"
+    ORDER_PAY = "ORDER_PAY"
 
 
 class JobStatus(enum.StrEnum):
@@ -99,12 +100,14 @@ PARTITION_KIND_OF: dict[JobKind, PartitionKind] = {
     JobKind.STOCK_SET: PartitionKind.PRODUCT,
     JobKind.ORDER_CREATE: PartitionKind.PRODUCT,
     JobKind.COUPON_ISSUE: PartitionKind.COUPON,
+    # The paying user's partition: decided in order with that user's charges and uses.
+    JobKind.ORDER_PAY: PartitionKind.USER,
 }
 
 
 def routing_key(kind: JobKind, payload: dict[str, Any]) -> int:
     """The resource whose partition applies this job."""
-    if kind in (JobKind.POINTS_CHARGE, JobKind.POINTS_USE):
+    if kind in (JobKind.POINTS_CHARGE, JobKind.POINTS_USE, JobKind.ORDER_PAY):
         return int(payload["userId"])
     if kind is JobKind.STOCK_SET:
         return int(payload["productId"])

@@ -67,7 +67,20 @@ class Product(Base):
 
 class Order(Base):
     __tablename__ = "orders"
-    __table_args__ = (Index("ix_orders_user_id", "user_id"),)
+    __table_args__ = (
+        Index("ix_orders_user_id", "user_id"),
+        # Only unpaid orders carry expires_at, so the expiry's scan is a short range scan
+        # of a small index (``expires_at <= now()``), whatever the number of orders.
+        Index(
+            "ix_orders_expires_at", "expires_at", postgresql_where=text("expires_at IS NOT NULL")
+        ),
+        # A payment is recorded whole, on a COMPLETED order, and adds up to its total.
+        CheckConstraint(
+            "paid_at IS NULL OR (status = 'COMPLETED' AND paid_amount >= 0"
+            " AND discount_amount >= 0 AND paid_amount + discount_amount = total_price)",
+            name="payment_adds_up",
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     user_id: Mapped[int] = mapped_column(BigInteger)
@@ -78,6 +91,13 @@ class Order(Base):
     job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
     updated_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    # When an unpaid order expires; NULL once it is COMPLETED or FAILED.
+    expires_at: Mapped[dt.datetime | None] = mapped_column()
+    # The payment with points (NULL unless paid through POST .../payment).
+    paid_amount: Mapped[int | None] = mapped_column(BigInteger)
+    discount_amount: Mapped[int | None] = mapped_column(BigInteger)
+    coupon_id: Mapped[int | None] = mapped_column(BigInteger)
+    paid_at: Mapped[dt.datetime | None] = mapped_column()
 
 
 class OrderLine(Base):
@@ -143,6 +163,7 @@ class PointHistory(Base):
     __table_args__ = (
         Index("ix_point_histories_user_id_id", "user_id", "id"),
         Index("ix_point_histories_created_at", "created_at"),
+        CheckConstraint("(type = 'PAYMENT') = (order_id IS NOT NULL)", name="payment_has_order"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -152,6 +173,8 @@ class PointHistory(Base):
     balance_after: Mapped[int] = mapped_column(BigInteger)
     # One history row per applied job, even if a job were ever applied twice.
     job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), unique=True)
+    # The order a PAYMENT paid; unique: an order is debited at most once.
+    order_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
 
 
@@ -175,12 +198,33 @@ class UserCoupon(Base):
     __table_args__ = (
         UniqueConstraint("coupon_id", "user_id"),
         Index("ix_user_coupons_user_id_id", "user_id", "id"),
+        CheckConstraint("(used_at IS NULL) = (order_id IS NULL)", name="used_by_an_order"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     coupon_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("coupons.id"))
     user_id: Mapped[int] = mapped_column(BigInteger)
     issued_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    # Set once, by the payment that used it; unique: an order uses at most one coupon.
+    used_at: Mapped[dt.datetime | None] = mapped_column()
+    order_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("orders.id"), unique=True)
+
+
+class ProductSales(Base):
+    """Units ordered per product per UTC hour, net of FAILED orders (the best-seller aggregate).
+
+    Written with the order (``shared.domain.sales``) in the transaction that takes or gives
+    back its stock, while the product rows are locked, so its rows are never contended
+    beyond the product locks.  The ranking sums at most ``days * 24 + 1`` hours of it.
+    """
+
+    __tablename__ = "product_sales"
+    __table_args__ = (CheckConstraint("units >= 0", name="units_non_negative"),)
+
+    # Hour first: the ranking reads a range of hours.
+    hour: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    units: Mapped[int] = mapped_column(BigInteger)
 
 
 class Job(Base):

@@ -15,6 +15,7 @@ from shared.cache import ProductCache, make_redis
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
 from shared.jobs import document_of, get_finished_jobs
+from shared.top_sellers_cache import TopSellersCache
 from web import coupons, health, jobs, orders, points, products, users
 from web.api import IdConverter
 from web.errors import register_error_handlers
@@ -61,6 +62,9 @@ def create_app(
     cache_client = make_redis(settings.cache_url, timeout=0.25)
     app.extensions["cache_redis"] = cache_client
     app.extensions["product_cache"] = ProductCache(cache_client, settings.cache_ttl_seconds)
+    app.extensions["top_sellers_cache"] = TopSellersCache(
+        cache_client, settings.top_sellers_cache_seconds
+    )
     app.extensions["job_waiters"] = JobWaiters(
         make_redis(settings.coordination_url, timeout=None), recheck
     )

@@ -25,6 +25,7 @@ from web.schemas import (
     OrderHistoryList,
     OrderStatusView,
     OrderView,
+    PaymentBody,
     StatusQuery,
 )
 from web.session import db_session, read_session
@@ -55,6 +56,25 @@ IF_MATCH_HEADER = {
 )
 def post_order(body: OrderCreate) -> Response:
     return accept_job(JobKind.ORDER_CREATE, body.model_dump(by_alias=True))
+
+
+@operation(
+    bp,
+    "/<id:order_id>/payment",
+    "POST",
+    summary="Pay an order with points and at most one coupon (job ORDER_PAY on the user's"
+    " partition)",
+    body=PaymentBody,
+    responses={202: JobAccepted},
+    rate_limited=True,
+    job=True,
+)
+def post_payment(order_id: int, body: PaymentBody) -> Response:
+    # Left out, couponId is absent from the job (and from the Idempotency-Key fingerprint).
+    return accept_job(
+        JobKind.ORDER_PAY,
+        {"orderId": order_id, **body.model_dump(by_alias=True, exclude_none=True)},
+    )
 
 
 @operation(

@@ -71,6 +71,7 @@ def get_point_histories(user_id: int, query: PageQuery) -> Response:
             type=r.type,
             amount=r.amount,
             balance_after=r.balance_after,
+            order_id=r.order_id,
             created_at=rfc3339(r.created_at),
         )
         for r in rows

@@ -15,9 +15,12 @@ from shared.domain.products import (
     list_products,
     product_document,
 )
+from shared.domain.sales import top_sellers
 from shared.jobs import JobKind
+from shared.top_sellers_cache import MAX_TOP, TopSellersCache
 from web.api import operation, query_or_body
 from web.publish import accept_job
+from web.render import render, top_sellers_ranking
 from web.schemas import (
     JobAccepted,
     Page,
@@ -26,6 +29,8 @@ from web.schemas import (
     ProductView,
     StockBody,
     StockQuery,
+    TopSellersQuery,
+    TopSellersView,
 )
 from web.session import db_session, read_session
 
@@ -58,6 +63,27 @@ def post_product(body: ProductCreate) -> Response:
     response.status_code = 201
     response.headers["Location"] = f"/v1/products/{product.id}"
     return response
+
+
+@operation(
+    bp,
+    "/top",
+    "GET",
+    summary="Best sellers by units in the orders of the last `days` x 24 hours not FAILED"
+    " (cached: generatedAt is when it was computed, at most 60 s ago)",
+    query=TopSellersQuery,
+    responses={200: TopSellersView},
+)
+def get_top_products(query: TopSellersQuery) -> Response:
+    cache: TopSellersCache = current_app.extensions["top_sellers_cache"]
+    cached = cache.get(query.days)
+    if cached is not None:
+        ranking = TopSellersView.model_validate(cached)
+    else:
+        ranking = top_sellers_ranking(top_sellers(read_session(), days=query.days, limit=MAX_TOP))
+        cache.put(query.days, ranking.model_dump(mode="json", by_alias=True))
+    # ``limit`` takes a prefix of the top MAX_TOP computed (and cached) per ``days``.
+    return render(ranking.model_copy(update={"items": ranking.items[: query.limit]}))
 
 
 @operation(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Response, jsonify
 from pydantic import BaseModel
 
+from shared.domain.sales import TopSellers
 from shared.formats import rfc3339
 from shared.models import Coupon, Order, OrderLine, UserCoupon
 from web import schemas
@@ -31,6 +32,15 @@ def order_view(order: Order, lines: list[OrderLine]) -> schemas.OrderView:
             )
             for line in lines
         ],
+        payment=schemas.PaymentView(
+            paid_amount=order.paid_amount,
+            discount_amount=order.discount_amount or 0,
+            coupon_id=order.coupon_id,
+            paid_at=rfc3339(order.paid_at),
+        )
+        if order.paid_at is not None and order.paid_amount is not None
+        else None,
+        expires_at=rfc3339(order.expires_at) if order.expires_at else None,
         created_at=rfc3339(order.created_at),
         updated_at=rfc3339(order.updated_at),
     )
@@ -54,4 +64,19 @@ def user_coupon_item(user_coupon: UserCoupon, coupon: Coupon) -> schemas.UserCou
         name=coupon.name,
         discount_amount=coupon.discount_amount,
         issued_at=rfc3339(user_coupon.issued_at),
+        used_at=rfc3339(user_coupon.used_at) if user_coupon.used_at else None,
+        order_id=user_coupon.order_id,
+    )
+
+
+def top_sellers_ranking(top: TopSellers) -> schemas.TopSellersView:
+    return schemas.TopSellersView(
+        items=[
+            schemas.TopSellerItem(
+                product_id=t.product_id, name=t.name, price=t.price, units_sold=t.units_sold
+            )
+            for t in top.items
+        ],
+        days=top.days,
+        generated_at=rfc3339(top.generated_at),
     )

@@ -10,14 +10,27 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from shared.domain.orders import OrderStatus
+from shared.top_sellers_cache import MAX_TOP
 
 MAX_ID = 2**63 - 1
 
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+# A body id that may be left out; given, it is an id (JSON null is refused: types are strict).
+OptionalId = Annotated[
+    Id | None, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_ID})
+]
 PointAmount = Annotated[int, Field(ge=1, le=1_000_000)]
 Money = Annotated[int, Field(ge=0, le=1_000_000_000)]
 # No control characters (PostgreSQL cannot store U+0000) and no bidi embeddings,
@@ -100,7 +113,9 @@ class JobPosition(Out):
 
 class JobView(Out):
     job_id: str
-    kind: Literal["POINTS_CHARGE", "POINTS_USE", "STOCK_SET", "ORDER_CREATE", "COUPON_ISSUE"]
+    kind: Literal[
+        "POINTS_CHARGE", "POINTS_USE", "STOCK_SET", "ORDER_CREATE", "COUPON_ISSUE", "ORDER_PAY"
+    ]
     status: Literal["PENDING", "SUCCEEDED", "FAILED"]
     result: dict[str, Any] | None
     error: ErrorInfo | None
@@ -127,9 +142,10 @@ class BalanceView(Out):
 
 
 class PointHistoryItem(Out):
-    type: Literal["CHARGE", "USE"]
+    type: Literal["CHARGE", "USE", "PAYMENT"]
     amount: int
     balance_after: int
+    order_id: int | None = Field(description="the order a PAYMENT paid; null otherwise")
     created_at: Timestamp
 
 
@@ -169,6 +185,24 @@ class ProductView(Out):
     stock: int
     created_at: Timestamp
     updated_at: Timestamp
+
+
+class TopSellersQuery(Query):
+    days: Annotated[int, Field(ge=1, le=30), QueryInt] = 3
+    limit: Annotated[int, Field(ge=1, le=MAX_TOP), QueryInt] = 5
+
+
+class TopSellerItem(Out):
+    product_id: int
+    name: str
+    price: int
+    units_sold: int
+
+
+class TopSellersView(Out):
+    items: list[TopSellerItem]
+    days: int
+    generated_at: Annotated[Timestamp, Field(description="when the ranking was computed")]
 
 
 class ProductListQuery(PageQuery):
@@ -226,6 +260,13 @@ class OrderLineView(Out):
     unit_price: int
 
 
+class PaymentView(Out):
+    paid_amount: int
+    discount_amount: int
+    coupon_id: int | None
+    paid_at: Timestamp
+
+
 class OrderView(Out):
     id: int
     user_id: int
@@ -233,8 +274,28 @@ class OrderView(Out):
     version: int
     total_price: int
     order_lines: list[OrderLineView]
+    payment: PaymentView | None = Field(description="null unless paid with points")
+    expires_at: Timestamp | None = Field(
+        description="when the unpaid order expires; null once COMPLETED or FAILED"
+    )
     created_at: Timestamp
     updated_at: Timestamp
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # left out means "none", not a JSON null the client may send
+
+
+class PaymentBody(Body):
+    user_id: Id
+    coupon_id: OptionalId = Field(default=None, json_schema_extra=_no_default)
+
+    @field_validator("coupon_id", mode="before")
+    @classmethod
+    def _no_null(cls, coupon_id: Any) -> Any:
+        if coupon_id is None:  # only a given null gets here (defaults are not validated)
+            raise ValueError("must be an integer (leave couponId out to pay without a coupon)")
+        return coupon_id
 
 
 class StatusQuery(Query):
@@ -290,6 +351,8 @@ class UserCouponItem(Out):
     name: str
     discount_amount: int
     issued_at: Timestamp
+    used_at: Timestamp | None = Field(description="null until the coupon pays an order")
+    order_id: int | None = Field(description="the order it paid; null until then")
 
 
 class UserCouponList(Out):

@@ -20,6 +20,7 @@ MAINTENANCE_QUEUE = "maintenance"
 SWEEP_TASK = "maintenance.sweep"
 RELAY_TASK = "maintenance.relay_outbox"
 PURGE_TASK = "maintenance.purge_idempotency_keys"
+EXPIRE_TASK = "maintenance.expire_unpaid_orders"
 
 # Wake-ups are cheap and idempotent; a transient failure (database away) is retried
 # with backoff, and past the bound the sweeper wakes the partition again.
@@ -66,6 +67,12 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "schedule": 1.0,
                 "options": {"queue": MAINTENANCE_QUEUE, "expires": 2.0},
             },
+            # API.md: an unpaid order expires "within a few seconds of expiresAt".
+            "expire-unpaid-orders": {
+                "task": EXPIRE_TASK,
+                "schedule": 1.0,
+                "options": {"queue": MAINTENANCE_QUEUE, "expires": 2.0},
+            },
             "purge-idempotency-keys": {
                 "task": PURGE_TASK,
                 "schedule": 3600.0,
@@ -102,6 +109,10 @@ def _register_tasks(app: Celery, runtime: Runtime) -> None:
     @app.task(name=RELAY_TASK, ignore_result=True)
     def relay() -> bool:
         return beat.relay_outbox(runtime)
+
+    @app.task(name=EXPIRE_TASK, ignore_result=True)
+    def expire() -> int:
+        return beat.expire_unpaid_orders(runtime)
 
     @app.task(name=PURGE_TASK, ignore_result=True)
     def purge() -> int:

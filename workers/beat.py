@@ -1,14 +1,20 @@
-"""Periodic jobs run by beat: the sweeper, the outbox relay, the idempotency purge."""
+"""Periodic jobs run by beat: the sweeper, the outbox relay, the idempotency purge,
+the expiry of unpaid orders."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
 from shared.domain.history import has_undelivered_outbox
+from shared.domain.orders import expire_order, list_expired_orders
+from shared.domain.products import get_products, product_document
 from shared.jobs import purge_idempotency_keys, stale_partitions
 from shared.partitions import HISTORY_QUEUE
-from workers.base import Runtime
+from workers.base import Effects, Runtime, after_commit
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +52,49 @@ def purge_expired_idempotency_keys(rt: Runtime) -> int:
         return purge_idempotency_keys(
             session, dt.timedelta(seconds=rt.settings.idempotency_ttl_seconds)
         )
+
+
+# Orders expired per run; the next run (a second later) takes the rest.
+EXPIRE_BATCH = 200
+
+
+def expire_unpaid_orders(rt: Runtime) -> int:
+    """Fail every order left unpaid past its ``expiresAt``; returns how many it failed.
+
+    Each order goes through the admin FAILED path in its own transaction (stock back in
+    ascending product id, so it cannot deadlock with an order batch), and loses
+    cleanly to a payment, an admin change or another expiry that got the order first
+    (its conditional UPDATE matches nothing).  After each commit the restocked
+    products' cache entries are refreshed and the history listener is woken, as after
+    an admin FAILED.
+    """
+    with rt.session_factory() as session:
+        due = list_expired_orders(session, EXPIRE_BATCH)
+    expired = 0
+    for order_id, version in due:
+        effects = Effects()
+        try:
+            with rt.session_factory() as session, session.begin():
+                restocked = expire_order(session, order_id, version)
+                if restocked is None:
+                    continue
+                effects.history = True
+                _mark_restocked_pending(rt, session, restocked, effects)
+        except DBAPIError as exc:  # the database is away or a lock wait ran out: next run
+            log.warning("expiry of order %s not applied: %s", order_id, exc)
+            break
+        after_commit(rt, effects)
+        expired += 1
+    if expired:
+        log.info("expired %d unpaid orders", expired)
+    return expired
+
+
+def _mark_restocked_pending(
+    rt: Runtime, session: Session, product_ids: list[int], effects: Effects
+) -> None:
+    """Before commit, as a partition batch does: the restocked products' cache entries
+    miss until ``after_commit`` stores the documents read here (what the commit makes)."""
+    for product in get_products(session, sorted(set(product_ids))):
+        effects.committed_products[product.id] = (product_document(product), product.version)
+        rt.cache.mark_pending(product.id, product.version)

@@ -2,6 +2,8 @@
 
 Orders are applied on the partition of their smallest product id, together with
 that partition's stock sets (``workers.products``), because both change stock.
+Paying an order (ORDER_PAY) is a job of the paying user's partition
+(``workers.points``), decided with that user's charges and uses.
 """
 
 from __future__ import annotations

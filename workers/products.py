@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy.orm import Session
 
 from shared.domain.inventory import InventoryRequest, PlacedOrder, StockSet, apply_inventory
@@ -19,9 +21,13 @@ def _request(job: JobRecord) -> InventoryRequest:
 
 @handles(PartitionKind.PRODUCT)
 def apply_product_jobs(
-    _rt: Runtime, session: Session, jobs: list[JobRecord], effects: Effects
+    rt: Runtime, session: Session, jobs: list[JobRecord], effects: Effects
 ) -> list[Outcome]:
-    applied = apply_inventory(session, [_request(j) for j in jobs])
+    applied = apply_inventory(
+        session,
+        [_request(j) for j in jobs],
+        payment_timeout=dt.timedelta(seconds=rt.settings.order_payment_timeout_seconds),
+    )
     effects.products |= applied.changed_products
     for pid, row in applied.written.items():
         effects.committed_products[pid] = (row.document(), row.version)

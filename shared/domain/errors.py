@@ -27,6 +27,11 @@ class ErrorCode(enum.StrEnum):
     COUPON_ALREADY_ISSUED = "COUPON_ALREADY_ISSUED"
     PRODUCT_NOT_FOUND = "PRODUCT_NOT_FOUND"
     COUPON_NOT_FOUND = "COUPON_NOT_FOUND"
+    ORDER_NOT_FOUND = "ORDER_NOT_FOUND"
+    ORDER_NOT_OWNED = "ORDER_NOT_OWNED"
+    ORDER_NOT_PAYABLE = "ORDER_NOT_PAYABLE"
+    COUPON_NOT_OWNED = "COUPON_NOT_OWNED"
+    COUPON_ALREADY_USED = "COUPON_ALREADY_USED"
 
 
 class DomainError(Exception):
@@ -73,6 +78,26 @@ class CouponNotFound(DomainError):
 
 class OrderStateConflict(DomainError):
     code = ErrorCode.ORDER_STATE_CONFLICT
+
+
+class OrderNotFound(DomainError):
+    code = ErrorCode.ORDER_NOT_FOUND
+
+
+class OrderNotOwned(DomainError):
+    code = ErrorCode.ORDER_NOT_OWNED
+
+
+class OrderNotPayable(DomainError):
+    code = ErrorCode.ORDER_NOT_PAYABLE
+
+
+class CouponNotOwned(DomainError):
+    code = ErrorCode.COUPON_NOT_OWNED
+
+
+class CouponAlreadyUsed(DomainError):
+    code = ErrorCode.COUPON_ALREADY_USED
 
 
 T = TypeVar("T")

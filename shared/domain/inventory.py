@@ -11,6 +11,7 @@ one transaction).
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from dataclasses import dataclass
 from typing import Any, cast
@@ -30,8 +31,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
 from shared.domain.errors import DomainError, InsufficientStock, ProductNotFound, unwrap
-from shared.domain.orders import OrderStatus
+from shared.domain.orders import DEFAULT_PAYMENT_TIMEOUT, OrderStatus
 from shared.domain.products import PRODUCT_COLUMNS, ProductRow, lock_products
+from shared.domain.sales import count_sales
 from shared.models import Order, Product
 
 
@@ -92,16 +94,22 @@ def _decide_order(
     return None
 
 
-def apply_inventory(session: Session, requests: list[InventoryRequest]) -> InventoryOutcomes:
+def apply_inventory(
+    session: Session,
+    requests: list[InventoryRequest],
+    *,
+    payment_timeout: dt.timedelta = DEFAULT_PAYMENT_TIMEOUT,
+) -> InventoryOutcomes:
     """Apply stock sets and orders in order; one outcome per request.
 
     An order takes every line or nothing.  Each changed product is written once
     with a compare-and-set UPDATE (``WHERE stock = <stock read under lock>``)
     that also bumps its version; ``ck_products_stock_non_negative`` refuses a
     negative stock on its own.  Orders are written READY with their lines (unit
-    price = the price when ordered) and one outbox row each.  Every statement
-    takes the batch's rows as array parameters, so it compiles once whatever the
-    batch size.  Refusals: ``ProductNotFound``, ``InsufficientStock``.
+    price = the price when ordered), ``expires_at`` = creation + ``payment_timeout``
+    and one outbox row each; their units go to the best-seller aggregate.  Every
+    statement takes the batch's rows as array parameters, so it compiles once
+    whatever the batch size.  Refusals: ``ProductNotFound``, ``InsufficientStock``.
     """
     ids = sorted(
         {r.product_id for r in requests if isinstance(r, StockSet)}
@@ -133,7 +141,9 @@ def apply_inventory(session: Session, requests: list[InventoryRequest]) -> Inven
         decided.append(r)
 
     written = _write_stock(session, {pid: (start[pid], stock[pid]) for pid in sorted(touched)})
-    placed = _insert_orders(session, [d for d in decided if isinstance(d, OrderRequest)], products)
+    placed_requests = [d for d in decided if isinstance(d, OrderRequest)]
+    placed = _insert_orders(session, placed_requests, products, payment_timeout)
+    count_sales(session, _units(placed_requests))
     outcomes: list[InventoryOutcome] = []
     for index, d in enumerate(decided):
         if isinstance(d, DomainError):
@@ -204,8 +214,9 @@ _PLACE_ORDERS = text(
                     CAST(:job_ids AS uuid[])) WITH ORDINALITY
              AS batch(user_id, total_price, job_id, n)
     ), new_orders AS (
-        INSERT INTO orders (id, user_id, status, total_price, job_id)
-        SELECT id, user_id, :status, total_price, job_id FROM placed
+        INSERT INTO orders (id, user_id, status, total_price, job_id, expires_at)
+        SELECT id, user_id, :status, total_price, job_id, now() + :payment_timeout
+        FROM placed
     ), new_lines AS (
         INSERT INTO order_lines (order_id, product_id, quantity, unit_price)
         SELECT placed.id, line.product_id, line.quantity, line.unit_price
@@ -221,8 +232,19 @@ _PLACE_ORDERS = text(
 )
 
 
+def _units(orders: list[OrderRequest]) -> dict[int, int]:
+    units: dict[int, int] = {}
+    for o in orders:
+        for line in o.lines:
+            units[line.product_id] = units.get(line.product_id, 0) + line.quantity
+    return units
+
+
 def _insert_orders(
-    session: Session, orders: list[OrderRequest], products: dict[int, ProductRow]
+    session: Session,
+    orders: list[OrderRequest],
+    products: dict[int, ProductRow],
+    payment_timeout: dt.timedelta,
 ) -> list[PlacedOrder]:
     """The batch's orders READY, their lines (unit price = the price when ordered) and one
     outbox row each: one statement in all."""
@@ -237,6 +259,7 @@ def _insert_orders(
             _PLACE_ORDERS,
             {
                 "status": OrderStatus.READY.value,
+                "payment_timeout": payment_timeout,
                 "user_ids": [o.user_id for o in orders],
                 "totals": totals,
                 "job_ids": [o.job_id for o in orders],
@@ -254,10 +277,19 @@ def _insert_orders(
 
 
 def create_order(
-    session: Session, user_id: int, lines: list[LineRequest], *, job_id: uuid.UUID | None = None
+    session: Session,
+    user_id: int,
+    lines: list[LineRequest],
+    *,
+    job_id: uuid.UUID | None = None,
+    payment_timeout: dt.timedelta = DEFAULT_PAYMENT_TIMEOUT,
 ) -> Order:
     """Place one order (a batch of one).  Raises ``ProductNotFound``, ``InsufficientStock``."""
-    placed = unwrap(apply_inventory(session, [OrderRequest(user_id, lines, job_id)]).outcomes[0])
+    placed = unwrap(
+        apply_inventory(
+            session, [OrderRequest(user_id, lines, job_id)], payment_timeout=payment_timeout
+        ).outcomes[0]
+    )
     assert isinstance(placed, PlacedOrder)
     return session.get_one(Order, placed.id)
 

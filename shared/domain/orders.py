@@ -1,7 +1,9 @@
-"""Orders: a strict state machine, stock back exactly once (placing orders: ``inventory``)."""
+"""Orders: a strict state machine, stock back exactly once (placing orders: ``inventory``,
+paying them: ``payments``)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 
 from sqlalchemy import func, select, update
@@ -9,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from shared.domain.errors import NotFound, OrderStateConflict
 from shared.domain.products import return_stock
+from shared.domain.sales import uncount_sales
 from shared.models import Order, OrderHistory, OrderLine, Outbox
 
 
@@ -25,6 +28,12 @@ ALLOWED_MOVES: dict[OrderStatus, frozenset[OrderStatus]] = {
     OrderStatus.COMPLETED: frozenset(),
     OrderStatus.FAILED: frozenset(),
 }
+# States in which an order can still be paid, and expires if it is not.
+PAYABLE = frozenset({OrderStatus.READY, OrderStatus.PAYMENT_READY})
+FINAL = frozenset({OrderStatus.COMPLETED, OrderStatus.FAILED})
+
+# ORDER_PAYMENT_TIMEOUT_SECONDS' default (shared.config): how long an order waits for payment.
+DEFAULT_PAYMENT_TIMEOUT = dt.timedelta(seconds=900)
 
 
 def get_order(session: Session, order_id: int) -> tuple[Order, list[OrderLine]]:
@@ -43,9 +52,12 @@ def change_order_status(
 ) -> tuple[Order, list[int]]:
     """Move the order to ``new_status`` under an optimistic lock on ``version``.
 
-    The UPDATE matches only the version that was read (or ``expected_version``),
-    so of two concurrent changes exactly one wins.  Moving to FAILED returns every
-    line's stock in the same transaction; FAILED is final, so that happens once.
+    One conditional UPDATE checks the state and version that were read (or
+    ``expected_version``) and changes them, so of two concurrent changes (this one,
+    a payment, the expiry) exactly one wins; nothing is written before it matched.
+    Moving to FAILED returns every line's stock (ascending product id) and takes its
+    units out of the best-seller aggregate in the same transaction; FAILED is final,
+    so that happens once.  A final state clears ``expires_at``.
     Returns the order and the products whose stock changed.
     Raises ``NotFound``, ``OrderStateConflict``.
     """
@@ -59,10 +71,13 @@ def change_order_status(
         )
     if new_status not in ALLOWED_MOVES[current]:
         raise OrderStateConflict(f"order {order_id} cannot move from {current} to {new_status}")
+    changes: dict[str, object] = {"status": new_status.value, "updated_at": func.now()}
+    if new_status in FINAL:
+        changes["expires_at"] = None
     moved = session.execute(
         update(Order)
-        .where(Order.id == order_id, Order.version == order.version)
-        .values(status=new_status.value, version=Order.version + 1, updated_at=func.now())
+        .where(Order.id == order_id, Order.version == order.version, Order.status == current.value)
+        .values(version=Order.version + 1, **changes)
         .returning(Order.id)
         .execution_options(synchronize_session=False)
     ).scalar_one_or_none()
@@ -76,10 +91,42 @@ def change_order_status(
         for line in lines:
             return_stock(session, line.product_id, line.quantity)
             restocked.append(line.product_id)
+        uncount_sales(session, order_id)
     session.add(Outbox(order_id=order_id, status=new_status.value))
     session.flush()
     session.refresh(order)
     return order, restocked
+
+
+def list_expired_orders(session: Session, limit: int) -> list[tuple[int, int]]:
+    """Unpaid orders past their ``expiresAt``, soonest first, as (id, version).
+
+    A range scan of ``ix_orders_expires_at``, which holds only unpaid orders."""
+    return [
+        (row.id, row.version)
+        for row in session.execute(
+            select(Order.id, Order.version)
+            .where(Order.expires_at.is_not(None), Order.expires_at <= func.now())
+            .order_by(Order.expires_at)
+            .limit(limit)
+        )
+    ]
+
+
+def expire_order(session: Session, order_id: int, version: int) -> list[int] | None:
+    """Fail an order that expired unpaid at ``version``, by the admin FAILED path (stock
+    back once, history through the outbox); returns the restocked products.
+
+    ``None`` when the order moved on since it was listed (a payment, an admin change
+    or another expiry won its conditional UPDATE): then nothing was written.
+    """
+    try:
+        _, restocked = change_order_status(
+            session, order_id, OrderStatus.FAILED, expected_version=version
+        )
+    except (NotFound, OrderStateConflict):
+        return None
+    return restocked
 
 
 def list_order_histories(session: Session, order_id: int) -> list[OrderHistory]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -25,6 +26,7 @@ from shared.models import MAX_BALANCE, PointBalance, PointHistory
 class PointChange(enum.StrEnum):
     CHARGE = "CHARGE"
     USE = "USE"
+    PAYMENT = "PAYMENT"  # an order paid with points (shared.domain.payments)
 
 
 @dataclass(frozen=True)
@@ -49,73 +51,123 @@ _ADD_DELTA = (
 )
 
 
+class PointBook:
+    """The balances of one batch's users: locked once, changed in order in memory, written once.
+
+    Opening the book locks the users' rows ``FOR UPDATE`` (ascending user id), creating
+    a zero row first for each user in ``create`` (a charge needs a row to add to), so the
+    balances cannot change underneath while the batch decides.  ``write()`` gives each
+    row its net delta and inserts one history row per applied change;
+    ``ck_points_balance_non_negative`` / ``ck_points_balance_at_most_limit`` refuse on
+    their own whatever was decided here.
+    """
+
+    def __init__(
+        self, session: Session, users: Iterable[int], *, create: Iterable[int] = ()
+    ) -> None:
+        self._session = session
+        created = sorted(set(create))
+        if created:
+            session.execute(
+                insert(PointBalance)
+                .values([{"user_id": u, "balance": 0} for u in created])
+                .on_conflict_do_nothing()
+            )
+        self._users = sorted(set(users) | set(created))
+        self._start: dict[int, int] = dict(
+            session.execute(
+                select(PointBalance.user_id, PointBalance.balance)
+                .where(PointBalance.user_id.in_(self._users))
+                .order_by(PointBalance.user_id)
+                .with_for_update()
+            ).all()
+        )
+        self._balances = dict(self._start)
+        self._histories: list[dict[str, object]] = []
+
+    def balance(self, user_id: int) -> int:
+        """The user's balance after the changes applied so far (0 for a user never charged)."""
+        return self._balances.get(user_id, 0)
+
+    def change(self, r: PointRequest) -> Balance | DomainError:
+        """Apply a charge or a use, or refuse it: ``PointLimitExceeded`` (a balance would
+        pass 10,000,000), ``InsufficientPoints`` (including a user never charged)."""
+        current = self.balance(r.user_id)
+        if r.change is PointChange.CHARGE:
+            new = current + r.amount
+            if new > MAX_BALANCE:
+                return PointLimitExceeded(f"a balance may not exceed {MAX_BALANCE:,} points")
+        else:
+            new = current - r.amount
+            if new < 0:
+                return InsufficientPoints(f"user {r.user_id} has fewer than {r.amount} points")
+        self._record(r.user_id, r.change, r.amount, new, job_id=r.job_id)
+        return Balance(r.user_id, new)
+
+    def debit_payment(
+        self, user_id: int, amount: int, *, order_id: int, job_id: uuid.UUID | None
+    ) -> int:
+        """Take an order's payment (the caller checked it is covered); the new balance.
+
+        A PAYMENT history row is written even for 0 points (API.md)."""
+        new = self.balance(user_id) - amount
+        if new < 0:
+            raise ValueError(f"user {user_id}: a payment of {amount} is not covered")
+        self._record(user_id, PointChange.PAYMENT, amount, new, job_id=job_id, order_id=order_id)
+        return new
+
+    def _record(
+        self,
+        user_id: int,
+        change: PointChange,
+        amount: int,
+        new: int,
+        *,
+        job_id: uuid.UUID | None,
+        order_id: int | None = None,
+    ) -> None:
+        if user_id not in self._users:
+            raise ValueError(f"user {user_id} is not in this book (their row is not locked)")
+        self._balances[user_id] = new
+        self._histories.append(
+            {
+                "user_id": user_id,
+                "type": change.value,
+                "amount": amount,
+                "balance_after": new,
+                "job_id": job_id,
+                "order_id": order_id,
+            }
+        )
+
+    def write(self) -> None:
+        """Each changed row once (its net delta), then the history rows, in order."""
+        deltas = [
+            {"u": u, "delta": self._balances[u] - self._start[u]}
+            for u in self._users
+            if self._balances.get(u, 0) != self._start.get(u, 0)
+        ]
+        if deltas:
+            self._session.execute(_ADD_DELTA, deltas)
+        if self._histories:
+            self._session.execute(insert(PointHistory), self._histories)
+
+
 def apply_point_requests(
     session: Session, requests: list[PointRequest]
 ) -> list[Balance | DomainError]:
     """Apply charges and uses in order; one outcome per request, each a new balance or a refusal.
 
-    The rows are locked ``FOR UPDATE`` (ascending user id) before anything is
-    decided, so the balances cannot change underneath; each row then gets its net
-    delta, and ``ck_points_balance_non_negative`` / ``ck_points_balance_at_most_limit``
-    refuse on their own whatever this code decided.  One history row per applied
-    change.  Refusals: ``PointLimitExceeded`` (a balance would pass 10,000,000),
-    ``InsufficientPoints`` (including a user never charged).
+    Decided against a ``PointBook`` (rows locked ``FOR UPDATE`` once, net deltas written
+    once).  Refusals: ``PointLimitExceeded``, ``InsufficientPoints``.
     """
-    charged = sorted({r.user_id for r in requests if r.change is PointChange.CHARGE})
-    if charged:
-        session.execute(
-            insert(PointBalance)
-            .values([{"user_id": u, "balance": 0} for u in charged])
-            .on_conflict_do_nothing()
-        )
-    users = sorted({r.user_id for r in requests})
-    start: dict[int, int] = dict(
-        session.execute(
-            select(PointBalance.user_id, PointBalance.balance)
-            .where(PointBalance.user_id.in_(users))
-            .order_by(PointBalance.user_id)
-            .with_for_update()
-        ).all()
+    book = PointBook(
+        session,
+        (r.user_id for r in requests),
+        create=(r.user_id for r in requests if r.change is PointChange.CHARGE),
     )
-    balances = dict(start)
-    outcomes: list[Balance | DomainError] = []
-    histories: list[dict[str, object]] = []
-    for r in requests:
-        current = balances.get(r.user_id, 0)
-        if r.change is PointChange.CHARGE:
-            new = current + r.amount
-            if new > MAX_BALANCE:
-                outcomes.append(
-                    PointLimitExceeded(f"a balance may not exceed {MAX_BALANCE:,} points")
-                )
-                continue
-        else:
-            new = current - r.amount
-            if new < 0:
-                outcomes.append(
-                    InsufficientPoints(f"user {r.user_id} has fewer than {r.amount} points")
-                )
-                continue
-        balances[r.user_id] = new
-        histories.append(
-            {
-                "user_id": r.user_id,
-                "type": r.change.value,
-                "amount": r.amount,
-                "balance_after": new,
-                "job_id": r.job_id,
-            }
-        )
-        outcomes.append(Balance(r.user_id, new))
-    deltas = [
-        {"u": u, "delta": balances[u] - start[u]}
-        for u in users
-        if balances.get(u, 0) != start.get(u, 0)
-    ]
-    if deltas:
-        session.execute(_ADD_DELTA, deltas)
-    if histories:
-        session.execute(insert(PointHistory), histories)
+    outcomes = [book.change(r) for r in requests]
+    book.write()
     return outcomes
 
 

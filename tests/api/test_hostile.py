@@ -44,6 +44,7 @@ class Target:
     admin: bool
     ints: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # label -> key path
     names: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()  # labels of ints that may be left out (but not null)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -78,6 +79,15 @@ TARGETS = [
             "orderLines[0].productId": ("orderLines", 0, "productId"),
             "orderLines[0].quantity": ("orderLines", 0, "quantity"),
         },
+    ),
+    Target(
+        "pay",
+        "POST",
+        "/v1/orders/{id}/payment",
+        {"userId": 1, "couponId": 2},
+        admin=False,
+        ints={"userId": ("userId",), "couponId": ("couponId",)},
+        optional=("couponId",),
     ),
     Target(
         "issue",
@@ -219,13 +229,14 @@ def _cases_for(t: Target) -> list[Case]:
                 "VALIDATION_ERROR",
                 fields={""},
             )
-        add(
-            f"{label}-missing",
-            _without(t.body, where),
-            400,
-            "VALIDATION_ERROR",
-            fields={label},
-        )
+        if label not in t.optional:
+            add(
+                f"{label}-missing",
+                _without(t.body, where),
+                400,
+                "VALIDATION_ERROR",
+                fields={label},
+            )
     for name in t.names:
         for bad, raw in BAD_NAMES.items():
             add(
@@ -296,6 +307,84 @@ def _cases_for(t: Target) -> list[Case]:
 
 ORDER_STATUS = "/v1/orders/7/status"
 EXTRA_CASES = [
+    Case(
+        "pay-no-body",
+        "POST",
+        "/v1/orders/7/payment",
+        None,
+        400,
+        "VALIDATION_ERROR",
+        {""},
+    ),
+    Case(
+        "pay-only-coupon",
+        "POST",
+        "/v1/orders/7/payment",
+        b'{"couponId": 2}',
+        400,
+        "VALIDATION_ERROR",
+        {"userId"},
+    ),
+    Case(
+        "pay-both-bad",
+        "POST",
+        "/v1/orders/7/payment",
+        b'{"userId": "1", "couponId": 0}',
+        400,
+        "VALIDATION_ERROR",
+        {"userId", "couponId"},
+    ),
+    Case(
+        "pay-form-encoded",
+        "POST",
+        "/v1/orders/7/payment",
+        b"userId=1",
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ),
+    Case("top-days-0", "GET", "/v1/products/top?days=0", None, 400, "VALIDATION_ERROR", {"days"}),
+    Case("top-days-31", "GET", "/v1/products/top?days=31", None, 400, "VALIDATION_ERROR", {"days"}),
+    Case(
+        "top-days-float",
+        "GET",
+        "/v1/products/top?days=1.5",
+        None,
+        400,
+        "VALIDATION_ERROR",
+        {"days"},
+    ),
+    Case(
+        "top-days-arabic-digit",
+        "GET",
+        "/v1/products/top?days=%D9%A3",
+        None,
+        400,
+        "VALIDATION_ERROR",
+        {"days"},
+    ),
+    Case(
+        "top-limit-0", "GET", "/v1/products/top?limit=0", None, 400, "VALIDATION_ERROR", {"limit"}
+    ),
+    Case(
+        "top-limit-101",
+        "GET",
+        "/v1/products/top?limit=101",
+        None,
+        400,
+        "VALIDATION_ERROR",
+        {"limit"},
+    ),
+    Case(
+        "top-both-bad",
+        "GET",
+        f"/v1/products/top?days=-1&limit={2**64}",
+        None,
+        400,
+        "VALIDATION_ERROR",
+        {"days", "limit"},
+    ),
+    Case("top-post", "POST", "/v1/products/top", b"{}", 405, "METHOD_NOT_ALLOWED"),
     Case(
         "status-nul",
         "PUT",

@@ -90,6 +90,18 @@ def _calls() -> list[JobCall]:
             lambda c, h: c.post(f"/v1/coupons/{coupon}/issue", json={"userId": 10}, headers=h),
             {"couponId": coupon, "userId": 10},
         ),
+        JobCall(
+            JobKind.ORDER_PAY,
+            lambda c, h: c.post(
+                "/v1/orders/646464/payment", json={"userId": 11, "couponId": coupon}, headers=h
+            ),
+            {"orderId": 646464, "userId": 11, "couponId": coupon},
+        ),
+        JobCall(
+            JobKind.ORDER_PAY,
+            lambda c, h: c.post("/v1/orders/646465/payment", json={"userId": 12}, headers=h),
+            {"orderId": 646465, "userId": 12},  # no coupon: the key is absent, not null
+        ),
     ]
 
 
@@ -119,7 +131,7 @@ def drain(runtime: Runtime) -> Callable[[str], int]:
     return lambda queue: drain_partition(runtime, queue)
 
 
-@pytest.mark.parametrize("call", CALLS, ids=[c.kind.value for c in CALLS])
+@pytest.mark.parametrize("call", CALLS, ids=[f"{c.kind.value}-{len(c.payload)}" for c in CALLS])
 def test_job_post_records_a_pending_job_and_wakes_its_partition(
     client: FlaskClient,
     db_session: Session,
@@ -165,10 +177,19 @@ def test_job_endpoints_do_not_look_resources_up(
         )
     )
     issue = assert_accepted(client.post("/v1/coupons/88776655/issue?userId=1"))
-    for job_id in (stock, order, issue):
+    pay = assert_accepted(
+        client.post("/v1/orders/88776655/payment", json={"userId": 1, "couponId": 88776655})
+    )
+    jobs = (stock, order, issue, pay)
+    for job_id in jobs:
         drain(_job(db_session, job_id).partition)
-    codes = [client.get(f"/v1/jobs/{j}").get_json()["error"]["code"] for j in (stock, order, issue)]
-    assert codes == ["PRODUCT_NOT_FOUND", "PRODUCT_NOT_FOUND", "COUPON_NOT_FOUND"]
+    codes = [client.get(f"/v1/jobs/{j}").get_json()["error"]["code"] for j in jobs]
+    assert codes == [
+        "PRODUCT_NOT_FOUND",
+        "PRODUCT_NOT_FOUND",
+        "COUPON_NOT_FOUND",
+        "ORDER_NOT_FOUND",
+    ]
 
 
 # ---- job status ------------------------------------------------------------
@@ -385,7 +406,7 @@ def _jobs(session: Session) -> int:
     return session.execute(select(func.count()).select_from(Job)).scalar_one()
 
 
-@pytest.mark.parametrize("call", CALLS, ids=[c.kind.value for c in CALLS])
+@pytest.mark.parametrize("call", CALLS, ids=[f"{c.kind.value}-{len(c.payload)}" for c in CALLS])
 def test_same_key_same_input_returns_the_same_job(
     client: FlaskClient, db_session: Session, call: JobCall
 ) -> None:

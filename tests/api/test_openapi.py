@@ -24,6 +24,7 @@ JOB_OPERATIONS = {
     ("put", "/v1/products/{productId}/stock"),
     ("post", "/v1/orders"),
     ("post", "/v1/coupons/{couponId}/issue"),
+    ("post", "/v1/orders/{orderId}/payment"),
 }
 ADMIN_OPERATIONS = {
     ("post", "/v1/products"),
@@ -40,6 +41,7 @@ API_MD_OPERATIONS = (
         ("get", "/v1/points/{userId}/histories"),
         ("get", "/v1/products"),
         ("get", "/v1/products/{productId}"),
+        ("get", "/v1/products/top"),
         ("get", "/v1/orders/{orderId}"),
         ("get", "/v1/orders/{orderId}/histories"),
         ("get", "/v1/coupons/{couponId}"),
@@ -173,7 +175,7 @@ def test_request_bodies_are_strict_camel_case_objects(document: dict[str, Any]) 
         for _, _, op in _operations(document)
         if "requestBody" in op
     ]
-    assert len(bodies) == 7
+    assert len(bodies) == 8
     for ref in bodies:
         schema = schemas[ref.rsplit("/", 1)[1]]
         assert schema["type"] == "object"
@@ -197,6 +199,14 @@ def test_documented_ranges_follow_api_md(document: dict[str, Any]) -> None:
     assert (order["minItems"], order["maxItems"]) == (1, 50)
     line = schemas["OrderLineIn"]["properties"]
     assert (line["quantity"]["minimum"], line["quantity"]["maximum"]) == (1, 1_000)
+    payment = schemas["PaymentBody"]
+    assert payment["required"] == ["userId"]
+    # couponId may be left out, but given it is an id: never null.
+    assert {k: v for k, v in payment["properties"]["couponId"].items() if k != "title"} == {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 2**63 - 1,
+    }
 
 
 def _keywords(node: Any) -> Iterator[str]:
@@ -233,6 +243,13 @@ def test_query_parameter_ranges(document: dict[str, Any]) -> None:
     assert listing["inStock"] == {"type": "boolean"}
     assert listing["sort"]["enum"] == ["id", "name", "price", "createdAt"]
     assert listing["order"]["enum"] == ["asc", "desc"]
+    top = query("get", "/v1/products/top")
+    assert (top["days"]["minimum"], top["days"]["maximum"], top["days"]["default"]) == (1, 30, 3)
+    assert (top["limit"]["minimum"], top["limit"]["maximum"], top["limit"]["default"]) == (
+        1,
+        100,
+        5,
+    )
     wait = query("get", "/v1/jobs/{jobId}")["wait"]
     assert (wait["minimum"], wait["maximum"], wait["type"]) == (0, 30, "integer")
     stock = query("put", "/v1/products/{productId}/stock")["stock"]

@@ -64,24 +64,30 @@ def test_point_histories_newest_first_and_paged(client: FlaskClient) -> None:
     for n in range(1, 6):
         PointHistoryFactory(user_id=user, type="CHARGE", amount=n, balance_after=n * 10)
     PointHistoryFactory(user_id=user, type="USE", amount=3, balance_after=147)
+    order = OrderFactory(user_id=user)
+    PointHistoryFactory(
+        user_id=user, type="PAYMENT", amount=40, balance_after=107, order_id=order.id
+    )
     PointHistoryFactory(user_id=user + 1)  # another user's
 
     first = client.get(f"/v1/points/{user}/histories?size=4").get_json()
     assert set(first) == {"items", "page", "size", "total"}
-    assert (first["page"], first["size"], first["total"]) == (1, 4, 6)
-    assert all(set(i) == {"type", "amount", "balanceAfter", "createdAt"} for i in first["items"])
+    assert (first["page"], first["size"], first["total"]) == (1, 4, 7)
+    assert all(
+        set(i) == {"type", "amount", "balanceAfter", "orderId", "createdAt"} for i in first["items"]
+    )
     assert all(RFC3339_MS_Z.match(i["createdAt"]) for i in first["items"])
-    assert [(i["type"], i["amount"]) for i in first["items"]] == [
-        ("USE", 3),
-        ("CHARGE", 5),
-        ("CHARGE", 4),
-        ("CHARGE", 3),
+    assert [(i["type"], i["amount"], i["orderId"]) for i in first["items"]] == [
+        ("PAYMENT", 40, order.id),
+        ("USE", 3, None),
+        ("CHARGE", 5, None),
+        ("CHARGE", 4, None),
     ]
     second = client.get(f"/v1/points/{user}/histories?page=2&size=4").get_json()
-    assert [i["amount"] for i in second["items"]] == [2, 1]
-    assert second["items"][0]["balanceAfter"] == 20
+    assert [i["amount"] for i in second["items"]] == [3, 2, 1]
+    assert second["items"][1]["balanceAfter"] == 20
     empty = client.get(f"/v1/points/{user}/histories?page=3&size=4").get_json()
-    assert empty == {"items": [], "page": 3, "size": 4, "total": 6}
+    assert empty == {"items": [], "page": 3, "size": 4, "total": 7}
     default = client.get("/v1/points/1/histories").get_json()
     assert (default["page"], default["size"]) == (1, 20)
 
@@ -120,27 +126,56 @@ def test_order_by_id_with_etag(client: FlaskClient) -> None:
     assert answer.status_code == 200
     assert answer.headers["ETag"] == '"1"'
     body = answer.get_json()
-    assert set(body) == {
+    assert list(body) == [
         "id",
         "userId",
         "status",
         "version",
         "totalPrice",
         "orderLines",
+        "payment",
+        "expiresAt",
         "createdAt",
         "updatedAt",
-    }
+    ]
     assert body["id"] == order.id
     assert body["userId"] == 42
     assert body["status"] == "READY"
     assert body["version"] == 1
     assert body["totalPrice"] == 1_600
+    assert body["payment"] is None
+    assert body["expiresAt"] is None  # the factory sets none; see the paid order below
     assert sorted(body["orderLines"], key=lambda line: line["productId"]) == [
         {"productId": cheap.id, "quantity": 2, "unitPrice": 300},
         {"productId": dear.id, "quantity": 1, "unitPrice": 1_000},
     ]
     assert RFC3339_MS_Z.match(body["createdAt"])
     assert RFC3339_MS_Z.match(body["updatedAt"])
+
+
+def test_a_paid_order_shows_its_payment_and_no_expiry(client: FlaskClient) -> None:
+    coupon = CouponFactory()
+    paid_at = dt.datetime(2026, 3, 4, 5, 6, 7, 891_000, tzinfo=dt.UTC)
+    order = OrderFactory(
+        status=OrderStatus.COMPLETED.value,
+        version=2,
+        total_price=1_000,
+        paid_amount=700,
+        discount_amount=300,
+        coupon_id=coupon.id,
+        paid_at=paid_at,
+    )
+    body = client.get(f"/v1/orders/{order.id}").get_json()
+    assert body["payment"] == {
+        "paidAmount": 700,
+        "discountAmount": 300,
+        "couponId": coupon.id,
+        "paidAt": "2026-03-04T05:06:07.891Z",
+    }
+    assert body["expiresAt"] is None
+    unpaid = OrderFactory(expires_at=paid_at + dt.timedelta(minutes=15))
+    body = client.get(f"/v1/orders/{unpaid.id}").get_json()
+    assert (body["payment"], body["expiresAt"]) == (None, "2026-03-04T05:21:07.891Z")
 
 
 def test_order_histories_in_the_order_entered(client: FlaskClient) -> None:
@@ -180,13 +215,29 @@ def test_user_coupons_in_the_order_issued(client: FlaskClient) -> None:
     user = 321_000_001
     first, second = CouponFactory(name="B", discount_amount=10), CouponFactory(name="A")
     one = UserCouponFactory(coupon_id=first.id, user_id=user)
-    two = UserCouponFactory(coupon_id=second.id, user_id=user)
+    order = OrderFactory(user_id=user)
+    used_at = dt.datetime(2026, 5, 6, 7, 8, 9, 123_000, tzinfo=dt.UTC)
+    two = UserCouponFactory(coupon_id=second.id, user_id=user, used_at=used_at, order_id=order.id)
     UserCouponFactory(coupon_id=first.id, user_id=user + 1)
     body = client.get(f"/v1/users/{user}/coupons").get_json()
     assert set(body) == {"items"}
     assert [{k: v for k, v in item.items() if k != "issuedAt"} for item in body["items"]] == [
-        {"userCouponId": one.id, "couponId": first.id, "name": "B", "discountAmount": 10},
-        {"userCouponId": two.id, "couponId": second.id, "name": "A", "discountAmount": 500},
+        {
+            "userCouponId": one.id,
+            "couponId": first.id,
+            "name": "B",
+            "discountAmount": 10,
+            "usedAt": None,
+            "orderId": None,
+        },
+        {
+            "userCouponId": two.id,
+            "couponId": second.id,
+            "name": "A",
+            "discountAmount": 500,
+            "usedAt": "2026-05-06T07:08:09.123Z",
+            "orderId": order.id,
+        },
     ]
     assert all(RFC3339_MS_Z.match(item["issuedAt"]) for item in body["items"])
     assert client.get("/v1/users/1/coupons").get_json() == {"items": []}

@@ -5,16 +5,18 @@ test's ``tmp_path``) and its own ``Stack`` of real processes; nothing here
 touches the machine's shared servers or another test's.
 
 * ``private_rig(tmp_path)`` starts PostgreSQL (migrated), Redis and the Stack.
-* ``open_shop(rig)`` creates a few products with known stock and one coupon.
+* ``open_shop(rig)`` creates a few products with known stock and one coupon;
+  ``open_orders(rig, load, n)`` places orders (through the load) for payments to pay.
 * ``Load`` sends job POSTs (points charges/uses on a few users, orders on the
-  products, issues of the coupon), each with its own ``Idempotency-Key`` so that
+  products, issues of the coupon, payments of the open orders), each with its own
+  ``Idempotency-Key`` so that
   any committed job row maps back to the request that wrote it, and records
   every answer in a ``Ledger``; ``Load.stream`` runs it in the background at a
   bounded rate so a fault can be injected mid-stream.
 * ``wait_settled`` polls the database until no job is PENDING and the outbox is
   delivered (with a deadline); ``check`` verifies, in SQL, that every 202 was
   applied exactly once and that every balance, stock, coupon count and order
-  history is exactly what the succeeded jobs add up to.
+  history, payment and best-seller count is exactly what the succeeded jobs add up to.
 """
 
 from __future__ import annotations
@@ -50,11 +52,13 @@ BUSINESS_FAILURES: dict[str, set[str]] = {
     "POINTS_USE": {"INSUFFICIENT_POINTS"},
     "ORDER_CREATE": {"INSUFFICIENT_STOCK", "PRODUCT_NOT_FOUND"},
     "COUPON_ISSUE": {"COUPON_SOLD_OUT", "COUPON_ALREADY_ISSUED"},
+    "ORDER_PAY": {"ORDER_NOT_PAYABLE", "ORDER_NOT_OWNED", "INSUFFICIENT_POINTS"},
 }
 
 POINTS_ONLY = {"points": 1.0}
 ORDERS_ONLY = {"orders": 1.0}
 DEFAULT_MIX = {"points": 0.35, "orders": 0.40, "coupons": 0.25}
+PAYMENTS_MIX = {"payments": 0.6, "points": 0.4}  # needs open_orders() first
 
 
 # ---- private servers ---------------------------------------------------------
@@ -164,6 +168,8 @@ class Shop:
     coupon_total: int
     users: list[int]  # points and order users
     coupon_users: list[int]
+    # Orders placed by open_orders(), (order id, owner), for payments to pay.
+    payable: list[tuple[int, int]] = field(default_factory=list)
 
 
 def open_shop(
@@ -273,6 +279,12 @@ def make_requests(
                         key,
                     )
                 )
+        elif family == "payments":
+            order_id, owner = rng.choice(shop.payable)  # with repeats: paid twice is refused
+            payer = owner if rng.random() < 0.9 else rng.choice(shop.users)
+            made.append(
+                JobRequest("ORDER_PAY", f"/v1/orders/{order_id}/payment", {"userId": payer}, key)
+            )
         elif family == "orders":
             count = 1 if rng.random() < 0.7 else 2
             ids = rng.sample(sorted(shop.products), count)
@@ -489,6 +501,45 @@ def warm_up(rig: Rig, load: Load, n: int = 12, timeout: float = 90) -> None:
     raise AssertionError(f"the stack did not apply the warm-up jobs\n{rig.log_excerpt()}")
 
 
+def open_orders(rig: Rig, load: Load, n: int, *, fund: int = 0, timeout: float = 120) -> None:
+    """Place ``n`` orders through the load (so the checker knows them), optionally charge
+    each user ``fund`` points first, wait for all of it, and list the orders as payable."""
+    if fund:
+        for user in load.shop.users:
+            charge = JobRequest(
+                "POINTS_CHARGE",
+                "/v1/points/charge",
+                {"userId": user, "amount": fund},
+                f"fault-fund-{uuid.uuid4().hex}",
+            )
+            assert load.send(charge).status == 202
+    answers = load.run(n, threads=4, mix=ORDERS_ONLY)
+    assert all(a.status == 202 for a in answers), Counter(a.status for a in answers)
+    if wait_settled(rig, timeout) is None:
+        raise AssertionError(f"the orders were not applied\n{rig.log_excerpt()}")
+    rows = rig.query(
+        "SELECT o.id, o.user_id FROM orders o JOIN jobs j ON j.id = o.job_id"
+        " WHERE j.id = ANY(%s::uuid[])",
+        ([a.job_id for a in answers],),
+    )
+    load.shop.payable.extend(sorted((row[0], row[1]) for row in rows))
+    assert load.shop.payable, "no order could be placed"
+
+
+def kill_worker_while_draining(rig: Rig, timeout: float) -> int:
+    """SIGKILL the partition worker, as soon as it holds a wake-up if one is seen within
+    ``timeout``; returns how many wake-ups it held (acks_late: they stay unacked)."""
+    broker = rig.broker()
+    try:
+        deadline = time.monotonic() + timeout
+        while rig.unacked_partition_messages(broker) == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        rig.stack.kill("worker")  # SIGKILL
+        return rig.unacked_partition_messages(broker)
+    finally:
+        broker.close()
+
+
 def post_until(load: Load, status: int, *, timeout: float = 30, pause: float = 0.1) -> list[Answer]:
     """Send job POSTs one at a time (``pause`` apart) until one answers ``status``.
 
@@ -645,6 +696,7 @@ class Checker:
         self.check_jobs()
         self.check_points()
         self.check_orders()
+        self.check_payments()
         self.check_order_histories()
         self.check_coupons()
         self.check_reads()
@@ -725,11 +777,14 @@ class Checker:
     def check_points(self) -> None:
         report = self.report
         charges, uses = self.ok("POINTS_CHARGE"), self.ok("POINTS_USE")
+        payments = self.ok("ORDER_PAY")
         expected: defaultdict[int, int] = defaultdict(int)
         for _, req in charges:
             expected[req.body["userId"]] += req.body["amount"]
         for _, req in uses:
             expected[req.body["userId"]] -= req.body["amount"]
+        for j, req in payments:
+            expected[req.body["userId"]] -= self.result(j).get("paidAmount", 0)
         balances: dict[int, int] = {
             row[0]: row[1] for row in self.rig.query("SELECT user_id, balance FROM points")
         }
@@ -744,7 +799,9 @@ class Checker:
             " FROM point_histories ORDER BY id"
         )
         self.effects(
-            "point history", Counter(row[4] for row in histories), {j for j, _ in charges + uses}
+            "point history",
+            Counter(row[4] for row in histories),
+            {j for j, _ in charges + uses + payments},
         )
         running: defaultdict[int, int] = defaultdict(int)
         for user, kind, amount, after, job_id in histories:
@@ -752,7 +809,8 @@ class Checker:
             if running[user] != after:
                 report.problem(f"user {user} history chain breaks at job {job_id}: {after}")
                 running[user] = after
-            if job_id in self.succeeded and self.result(job_id).get("amount") != after:
+            result = self.result(job_id)
+            if job_id in self.succeeded and result.get("amount", result.get("balance")) != after:
                 report.problem(f"job {job_id} result {self.result(job_id)} != balance {after}")
 
     def check_orders(self) -> None:
@@ -780,29 +838,88 @@ class Checker:
         stocks: dict[int, int] = {
             row[0]: row[1] for row in self.rig.query("SELECT id, stock FROM products")
         }
+        sold: dict[int, int] = {
+            row[0]: int(row[1])
+            for row in self.rig.query(
+                "SELECT product_id, sum(units) FROM product_sales GROUP BY product_id"
+            )
+        }
         for product_id, initial in self.shop.products.items():
             if stocks.get(product_id) != initial - taken[product_id]:
                 report.problem(
                     f"product {product_id} stock {stocks.get(product_id)} != {initial} - "
                     f"{taken[product_id]} taken by succeeded orders"
                 )
+            # No order fails in these loads: the best-seller aggregate counts every unit.
+            if sold.get(product_id, 0) != taken[product_id]:
+                report.problem(
+                    f"product {product_id} best-seller units {sold.get(product_id, 0)} != "
+                    f"{taken[product_id]} taken by succeeded orders"
+                )
+
+    def check_payments(self) -> None:
+        """Each order is paid by at most one succeeded ORDER_PAY, and exactly the orders so
+        paid are COMPLETED, with that payment (no coupons in these loads) and one debit."""
+        report = self.report
+        paid_by: defaultdict[int, list[str]] = defaultdict(list)
+        for j, _ in self.ok("ORDER_PAY"):
+            paid_by[int(self.result(j).get("orderId", 0))].append(j)
+        report.doubled += sum(len(js) - 1 for js in paid_by.values() if len(js) > 1)
+        orders = self.rig.query(
+            "SELECT o.id, o.status, o.total_price, o.paid_amount, o.discount_amount,"
+            " (SELECT array_agg(h.job_id::text) FROM point_histories h WHERE h.order_id = o.id)"
+            " FROM orders o"
+        )
+        for order_id, status, total, paid, discount, debits in orders:
+            jobs = paid_by.pop(order_id, [])
+            if len(jobs) > 1:
+                report.problem(f"order {order_id} paid by {len(jobs)} jobs")
+            if not jobs:
+                if status != "READY" or debits:
+                    report.problem(f"order {order_id} {status} debited {debits} without a payment")
+                continue
+            result = self.result(jobs[0])
+            if (status, paid, discount) != ("COMPLETED", total, 0) or result.get(
+                "paidAmount"
+            ) != total:
+                report.problem(
+                    f"order {order_id} {status} paid {paid}/{discount} of {total}, job {result}"
+                )
+            if debits != jobs[:1]:
+                report.problem(f"order {order_id} debits {debits} != its payment {jobs[0]}")
+        if paid_by:
+            report.lost += len(paid_by)
+            report.problem(f"payments of orders that do not exist: {sorted(paid_by)}")
 
     def check_order_histories(self) -> None:
-        """Exactly one READY history row per order (no status change is requested here)."""
+        """Exactly one history row per state entered: READY, then COMPLETED once paid
+        (no other status change is requested here)."""
         report = self.report
+        completed = {
+            row[0] for row in self.rig.query("SELECT id FROM orders WHERE status = 'COMPLETED'")
+        }
         order_ids = {row[0] for row in self.rig.query("SELECT id FROM orders")}
         histories = self.rig.query("SELECT order_id, status FROM order_histories")
-        per_order = Counter(str(row[0]) for row in histories)
-        self.effects("order history", per_order, {str(o) for o in order_ids})
-        if any(status != "READY" for _, status in histories):
-            report.problem("a history row other than READY")
+        wanted = {(o, "READY") for o in order_ids} | {(o, "COMPLETED") for o in completed}
+        got = Counter((row[0], row[1]) for row in histories)
+        report.doubled += sum(c - 1 for c in got.values() if c > 1)
+        stray = set(got) - wanted
+        missing = wanted - set(got)
+        report.doubled += len(stray)
+        report.lost += len(missing)
+        if stray or missing or any(c > 1 for c in got.values()):
+            report.problem(
+                f"order histories: {len(missing)} missing, {len(stray)} stray,"
+                f" {sum(c > 1 for c in got.values())} doubled"
+            )
         outbox = self.rig.query(
             "SELECT count(*), count(*) FILTER (WHERE delivered_at IS NULL),"
             " count(DISTINCT order_id) FROM outbox"
         )[0]
-        if outbox != (len(order_ids), 0, len(order_ids)):
+        if outbox != (len(wanted), 0, len(order_ids)):
             report.problem(
-                f"outbox (rows, undelivered, orders) {outbox} for {len(order_ids)} orders"
+                f"outbox (rows, undelivered, orders) {outbox} for {len(order_ids)} orders,"
+                f" {len(completed)} paid"
             )
 
     def check_coupons(self) -> None:

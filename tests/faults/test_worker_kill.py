@@ -15,7 +15,7 @@ import pytest
 from tests.faults.harness import (
     Ledger,
     Load,
-    Rig,
+    kill_worker_while_draining,
     open_shop,
     private_rig,
     settle_and_check,
@@ -23,20 +23,6 @@ from tests.faults.harness import (
 )
 
 pytestmark = pytest.mark.faults
-
-
-def kill_worker_while_draining(rig: Rig, timeout: float) -> int:
-    """SIGKILL the partition worker, as soon as it holds a wake-up if one is seen within
-    ``timeout``; returns how many wake-ups it held (acks_late: they stay unacked)."""
-    broker = rig.broker()
-    try:
-        deadline = time.monotonic() + timeout
-        while rig.unacked_partition_messages(broker) == 0 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        rig.stack.kill("worker")  # SIGKILL
-        return rig.unacked_partition_messages(broker)
-    finally:
-        broker.close()
 
 
 def test_partition_worker_killed_mid_stream_applies_every_job_once(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ def test_from_env_converts_each_field() -> None:
             "WORKER_THREADS": "3",
             "RATE_LIMIT": "100 per minute",
             "LOG_LEVEL": "DEBUG",
+            "ORDER_PAYMENT_TIMEOUT_SECONDS": "60",
+            "TOP_SELLERS_CACHE_SECONDS": "5",
             "UNRELATED": "ignored",
         }
     )
@@ -35,6 +37,7 @@ def test_from_env_converts_each_field() -> None:
     assert settings.rate_limit == "100 per minute"
     assert settings.rate_limit_enabled
     assert settings.log_level == "DEBUG"
+    assert (settings.order_payment_timeout_seconds, settings.top_sellers_cache_seconds) == (60, 5)
 
 
 def test_empty_variables_keep_the_defaults() -> None:
@@ -42,6 +45,8 @@ def test_empty_variables_keep_the_defaults() -> None:
     assert settings.partitions == Settings(database_url=URL).partitions
     assert settings.rate_limit == "200/second"
     assert settings.app_env is AppEnv.DEVELOPMENT
+    assert settings.order_payment_timeout_seconds == 900  # API.md's default
+    assert settings.top_sellers_cache_seconds <= 60  # API.md: generatedAt at most 60 s ago
 
 
 def test_derived_urls() -> None:
@@ -89,6 +94,9 @@ def test_good_rate_limits_are_taken(limit: str) -> None:
         ({"WORKER_THREADS": "0"}, "WORKER_THREADS"),
         ({"WORKER_ID": "-1"}, "WORKER_ID"),
         ({"APP_ENV": "production"}, "ADMIN_TOKEN"),
+        ({"ORDER_PAYMENT_TIMEOUT_SECONDS": "0"}, "ORDER_PAYMENT_TIMEOUT_SECONDS"),
+        ({"TOP_SELLERS_CACHE_SECONDS": "61"}, "TOP_SELLERS_CACHE_SECONDS"),
+        ({"TOP_SELLERS_CACHE_SECONDS": "0"}, "TOP_SELLERS_CACHE_SECONDS"),
     ],
 )
 def test_inconsistent_settings_are_refused(environ: dict[str, str], named: str) -> None:

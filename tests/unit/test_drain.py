@@ -27,6 +27,7 @@ import workers.products
 from shared.config import Settings
 from shared.domain.coupons import create_coupon
 from shared.domain.errors import ErrorCode
+from shared.domain.inventory import LineRequest, create_order
 from shared.domain.orders import list_order_histories
 from shared.domain.points import get_balance
 from shared.domain.products import create_product, get_product, product_document
@@ -245,6 +246,46 @@ def test_coupon_issue_gives_the_user_coupon_or_its_code(runtime: Runtime) -> Non
     assert isinstance(result["userCouponId"], int)
     assert _outcome(runtime, again).code == ErrorCode.COUPON_ALREADY_ISSUED
     assert _outcome(runtime, missing).code == ErrorCode.COUPON_NOT_FOUND
+
+
+def test_order_pay_in_a_user_batch_with_charges_gives_the_payment_or_its_code(
+    runtime: Runtime,
+) -> None:
+    product = _product(runtime, price=300, stock=5)
+    user = _user()
+    with runtime.session_factory() as session, session.begin():
+        order_id = create_order(session, user, [LineRequest(product, 1)]).id
+    runtime.coordination.delete(wake_key(HISTORY_QUEUE))
+    early, queue = _submit(runtime, JobKind.ORDER_PAY, userId=user, orderId=order_id)
+    charge, charge_queue = _submit(runtime, JobKind.POINTS_CHARGE, userId=user, amount=500)
+    paid, _ = _submit(runtime, JobKind.ORDER_PAY, userId=user, orderId=order_id)
+    again, _ = _submit(runtime, JobKind.ORDER_PAY, userId=user, orderId=order_id, couponId=1)
+    missing, _ = _submit(runtime, JobKind.ORDER_PAY, userId=user, orderId=2**63 - 1)
+    assert charge_queue == queue  # the paying user's partition
+
+    assert drain_partition(runtime, queue) == 5  # one batch, decided in seq order
+
+    assert _outcome(runtime, early).code == ErrorCode.INSUFFICIENT_POINTS
+    assert _outcome(runtime, charge).result == {"userId": user, "amount": 500}
+    assert _outcome(runtime, paid).result == {
+        "orderId": order_id,
+        "status": "COMPLETED",
+        "paidAmount": 300,
+        "discountAmount": 0,
+        "balance": 200,
+    }
+    assert _outcome(runtime, again).code == ErrorCode.ORDER_NOT_PAYABLE
+    assert _outcome(runtime, missing).code == ErrorCode.ORDER_NOT_FOUND
+    assert _balance(runtime, user) == 200
+    assert HISTORY_QUEUE in runtime.sent  # type: ignore[attr-defined]
+    drain_outbox(runtime)
+    with runtime.session_factory() as session:
+        states = [h.status for h in list_order_histories(session, order_id)]
+        debits = session.execute(
+            select(PointHistory.job_id).where(PointHistory.order_id == order_id)
+        ).scalars()
+        assert list(debits) == [paid]
+    assert states == ["READY", "COMPLETED"]
 
 
 # ---- the drain path ------------------------------------------------------------------

@@ -152,6 +152,8 @@ def test_fingerprint_is_canonical() -> None:
             "product.1",  # product 3's partition; 9 -> product.5, 5 -> product.0, user 2 -> .12
         ),
         (JobKind.COUPON_ISSUE, {"couponId": 2, "userId": 3}, "coupon.12"),
+        # The paying user's partition (user 42 -> user.10), not the order's (id 3 -> .1).
+        (JobKind.ORDER_PAY, {"orderId": 3, "userId": 42, "couponId": 2}, "user.10"),
     ],
     ids=str,
 )
