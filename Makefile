@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8000
+WORKERS ?= 1
 T ?= tests
 PYTEST_ARGS ?=
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -22,8 +23,9 @@ $(STAMP): setup.cfg pyproject.toml .ci/constraints.txt
 
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
-run: $(STAMP) ## the whole system: embedded PostgreSQL/Redis (unless URLs set), migrations, Procfile
-	$(PY) -m shared.embedded up --persist --banner -- $(BIN)/honcho start -f Procfile -p $(PORT)
+run: $(STAMP) ## the whole system: embedded PostgreSQL/Redis (unless URLs set), migrations, Procfile (WORKERS=K)
+	PORT=$(PORT) $(PY) -m shared.embedded up --persist --banner -- \
+		$(PY) -m shared.supervisor -f Procfile --scale worker=$(WORKERS)
 
 test: $(STAMP) ## lint, schema check and the test suite (T=path to narrow, PYTEST_ARGS=...)
 	$(MAKE) --no-print-directory lint

@@ -35,6 +35,8 @@ REDIS_DB_COORDINATION = 3  # wake flags, coupon sold-out markers
 
 _RATE_LIMIT = re.compile(r"^\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?$", re.IGNORECASE)
 _SECRET_FIELDS = frozenset({"admin_token"})
+# honcho names its processes <type>.<n from 1> (HONCHO_PROCESS_NAME).
+_HONCHO_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(\d+)$")
 
 
 def _redact_url(url: str) -> str:
@@ -92,6 +94,11 @@ class Settings:
 
     log_level: str = "INFO"
 
+    # This process among its Procfile type's instances (0..K-1), set by the run
+    # command's supervisor (or derived from honcho's HONCHO_PROCESS_NAME): distinct
+    # Celery node names for K partition workers.
+    worker_id: int = 0
+
     def __post_init__(self) -> None:
         if not self.database_url:
             raise ConfigError("DATABASE_URL is required")
@@ -107,6 +114,8 @@ class Settings:
             )
         if self.app_env is AppEnv.PRODUCTION and not self.admin_token:
             raise ConfigError("ADMIN_TOKEN is required when APP_ENV=production")
+        if self.worker_id < 0:
+            raise ConfigError("WORKER_ID must be 0 or more")
 
     def __repr__(self) -> str:
         shown = []
@@ -160,6 +169,9 @@ class Settings:
             if name not in env or env[name] == "":
                 continue
             kwargs[f.name] = _convert(name, f.type, env[name])
+        honcho = _HONCHO_NAME.match(env.get("HONCHO_PROCESS_NAME", ""))
+        if "worker_id" not in kwargs and honcho:
+            kwargs["worker_id"] = int(honcho.group(1)) - 1  # `honcho start -c worker=K`
         return cls(**kwargs)  # type: ignore[arg-type]  # fields checked one by one above
 
 

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
             "worker",
             "--pool=solo",
             f"--queues={','.join(queues)}",
-            f"--hostname=partitions{settings.worker_index}@%h",
+            f"--hostname=partitions{settings.worker_id}@%h",
             *argv,
         ]
     )

@@ -120,3 +120,24 @@ def test_repr_masks_the_token_and_url_passwords() -> None:
     # Masking is display only.
     assert settings.admin_token == "admin-secret-token"
     assert settings.database_url == URL
+
+
+@pytest.mark.parametrize(
+    ("environ", "worker_id"),
+    [
+        ({}, 0),
+        ({"WORKER_ID": "2"}, 2),  # the run command's supervisor
+        ({"HONCHO_PROCESS_NAME": "worker.3"}, 2),  # `honcho start -c worker=3`, third one
+        ({"HONCHO_PROCESS_NAME": "worker.3", "WORKER_ID": "0"}, 0),
+        ({"HONCHO_PROCESS_NAME": "worker"}, 0),
+    ],
+)
+def test_worker_id_comes_from_the_supervisor_or_honcho(
+    environ: dict[str, str], worker_id: int
+) -> None:
+    assert Settings.from_env({"DATABASE_URL": URL, **environ}).worker_id == worker_id
+
+
+def test_a_negative_worker_id_is_refused() -> None:
+    with pytest.raises(ConfigError, match="WORKER_ID"):
+        Settings.from_env({"DATABASE_URL": URL, "WORKER_ID": "-1"})
