@@ -27,9 +27,14 @@ run: $(STAMP) ## the whole system: embedded PostgreSQL/Redis (unless URLs set), 
 	PORT=$(PORT) $(PY) -m shared.embedded up --persist --banner -- \
 		$(PY) -m shared.supervisor -f Procfile --scale worker=$(WORKERS)
 
-test: $(STAMP) ## lint, schema check and the test suite (T=path to narrow, PYTEST_ARGS=...)
+test: $(STAMP) browser ## lint, schema check and the test suite (T=path to narrow, PYTEST_ARGS=...)
 	$(MAKE) --no-print-directory lint
 	$(PY) -m shared.embedded up --run-dir .run/test -- $(MAKE) --no-print-directory check pytest
+
+# The browser tests (tests/browser.py) render Flower and /docs in Debian's Chromium.
+browser: ## install headless Chromium (Debian's package) if missing
+	@command -v chromium >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
 
 pytest: $(STAMP)
 	$(BIN)/pytest $(T) $(PYTEST_ARGS)
@@ -64,4 +69,4 @@ bench: $(STAMP) ## load harness: ceilings, this service and the original design 
 clean: ## remove .venv and .run
 	rm -rf $(VENV) .run
 
-.PHONY: help install run test pytest lint fmt migrate revision check bench clean
+.PHONY: help install run test browser pytest lint fmt migrate revision check bench clean

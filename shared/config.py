@@ -34,7 +34,8 @@ REDIS_DB_LIMITER = 2
 REDIS_DB_COORDINATION = 3  # wake flags, coupon sold-out markers
 
 _RATE_LIMIT = re.compile(r"^\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?$", re.IGNORECASE)
-_SECRET_FIELDS = frozenset({"admin_token"})
+_SECRET_FIELDS = frozenset({"admin_token", "flower_basic_auth"})
+_BASIC_AUTH = re.compile(r"^[^:,]+:[^,]+(,[^:,]+:[^,]+)*$")
 # honcho names its processes <type>.<n from 1> (HONCHO_PROCESS_NAME).
 _HONCHO_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(\d+)$")
 
@@ -99,6 +100,9 @@ class Settings:
     # Celery node names for K partition workers.
     worker_id: int = 0
 
+    # Flower's HTTP basic auth, ``user:password`` (comma-separated for several).
+    flower_basic_auth: str = ""
+
     def __post_init__(self) -> None:
         if not self.database_url:
             raise ConfigError("DATABASE_URL is required")
@@ -116,6 +120,17 @@ class Settings:
             raise ConfigError("ADMIN_TOKEN is required when APP_ENV=production")
         if self.worker_id < 0:
             raise ConfigError("WORKER_ID must be 0 or more")
+        if self.flower_basic_auth and not _BASIC_AUTH.match(self.flower_basic_auth):
+            raise ConfigError("FLOWER_BASIC_AUTH must look like 'user:password'")
+
+    def check_flower(self) -> None:
+        """Flower may run: ``FLOWER_BASIC_AUTH`` is set when ``APP_ENV=production``.
+
+        Checked by Flower's launcher only, so that web and workers do not need (or
+        see) Flower's password.
+        """
+        if self.app_env is AppEnv.PRODUCTION and not self.flower_basic_auth:
+            raise ConfigError("FLOWER_BASIC_AUTH is required when APP_ENV=production")
 
     def __repr__(self) -> str:
         shown = []
