@@ -195,6 +195,12 @@ class EmbeddedPostgres:
             pid = int(pid_file.read_text().splitlines()[0])
             if is_postmaster_of(pid, self.data_dir):
                 raise RuntimeError(f"a PostgreSQL (pid {pid}) already runs on {self.data_dir}")
+            print(
+                f"shared.embedded: removing a stale {pid_file} (pid {pid} is no PostgreSQL "
+                "on this folder)",
+                file=sys.stderr,
+                flush=True,
+            )
         pid_file.unlink()
 
     def stop(self) -> None:
