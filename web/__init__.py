@@ -13,7 +13,7 @@ from shared.cache import ProductCache, make_redis
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
 from web import coupons, health, jobs, orders, points, products, users
-from web.api import IdConverter
+from web.api import IdConverter, install_connection_handling
 from web.errors import register_error_handlers
 from web.publish import Publisher, install_publishing
 from web.session import install_sessions
@@ -57,6 +57,7 @@ def create_app(
     install_sessions(app)
     register_error_handlers(app)
     health.install_metrics(app)
+    install_connection_handling(app)
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
     return app
