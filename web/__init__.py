@@ -12,14 +12,23 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.cache import ProductCache, make_redis
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
-from web import coupons, health, jobs, orders, points, products, users
+from web import admin, coupons, health, jobs, orders, points, products, users
 from web.api import IdConverter, install_connection_handling
 from web.errors import register_error_handlers
 from web.publish import Publisher, install_publishing
 from web.session import install_sessions
 from web.waiters import JobWaiters
 
-BLUEPRINTS = (points.bp, products.bp, orders.bp, coupons.bp, users.bp, jobs.bp, health.bp)
+BLUEPRINTS = (
+    points.bp,
+    products.bp,
+    orders.bp,
+    coupons.bp,
+    users.bp,
+    jobs.bp,
+    admin.bp,
+    health.bp,
+)
 
 
 def create_app(

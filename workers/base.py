@@ -47,6 +47,7 @@ from shared.jobs import (
     lock_pending_job,
     mark_failed,
     mark_succeeded,
+    note_drain,
     partition_has_pending,
     wake_key,
     wake_partition,
@@ -233,6 +234,8 @@ def apply_next_batch(rt: Runtime, queue: str) -> int:
         for job_id in job_ids:
             _apply_alone(rt, queue, job_id, effects)
     after_commit(rt, effects)
+    if job_ids:
+        note_drain(rt.coordination, queue)  # lastDrainAt of GET /v1/admin/partitions
     return len(job_ids)
 
 

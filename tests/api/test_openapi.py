@@ -30,6 +30,7 @@ ADMIN_OPERATIONS = {
     ("put", "/v1/products/{productId}/stock"),
     ("post", "/v1/coupons"),
     ("put", "/v1/orders/{orderId}/status"),
+    ("get", "/v1/admin/partitions"),
 }
 API_MD_OPERATIONS = (
     JOB_OPERATIONS
