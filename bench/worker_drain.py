@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         rd.start()
         try:
             migrate(pg.url)
-            settings = Settings(database_url=pg.url, redis_url=rd.url, drain_linger_ms=0)
+            settings = Settings(database_url=pg.url, redis_url=rd.url)
             make_celery(settings)  # registers the handlers
             rt = Runtime(settings, lambda _queue: None)
             with rt.session_factory() as session, session.begin():

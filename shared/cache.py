@@ -94,40 +94,74 @@ class ProductCache:
 
     def refresh_product(self, doc: dict[str, Any], version: int) -> None:
         """A writer's store after the commit that made ``version``."""
-        value = json.dumps({"v": version, "doc": doc}, separators=(",", ":"))
-        self._write(int(doc["id"]), value, version)
+        self.refresh_products({int(doc["id"]): (doc, version)}, listings=False)
+
+    def refresh_products(
+        self, docs: dict[int, tuple[dict[str, Any], int]], *, listings: bool = True
+    ) -> None:
+        """A writer's stores after a commit (id -> (document, version)), and with
+        ``listings`` every cached listing page dropped: one round trip for all."""
+        values = {
+            pid: (json.dumps({"v": version, "doc": doc}, separators=(",", ":")), version)
+            for pid, (doc, version) in docs.items()
+        }
+        self._write(values, listings=listings)
 
     def mark_pending(self, product_id: int, version: int) -> None:
-        """Before a commit that brings the product to ``version``: make readers miss until
-        the document of that version is stored (fills of older versions are refused)."""
-        value = json.dumps({"v": version, "pending": True}, separators=(",", ":"))
-        self._write(product_id, value, version)
+        self.mark_products_pending({product_id: version})
 
-    def _write(self, product_id: int, value: str, version: int) -> None:
-        """A writer's change.  If it cannot be made, the entry may now be stale: it is
-        remembered and deleted at the next write that reaches Redis."""
+    def mark_products_pending(self, versions: dict[int, int]) -> None:
+        """Before a commit that brings each product to its version: readers miss until the
+        document of that version is stored (fills of older versions are refused)."""
+        values = {
+            pid: (json.dumps({"v": version, "pending": True}, separators=(",", ":")), version)
+            for pid, version in versions.items()
+        }
+        self._write(values, listings=False)
+
+    def _write(self, values: dict[int, tuple[str, int]], *, listings: bool) -> None:
+        """A writer's changes, in one pipeline.  If they cannot be made, the entries (and
+        the listings) may now be stale: they are remembered and dropped at the next write
+        that reaches Redis."""
+        if not values and not listings:
+            return
         if self._available():
             try:
-                self._repair()
-                self._set_if_newer(keys=[product_key(product_id)], args=[value, version, self._ttl])
+                pipe = self._client.pipeline(transaction=False)
+                repairing = self._repair(pipe)
+                for pid, (value, version) in values.items():
+                    self._set_if_newer(
+                        keys=[product_key(pid)], args=[value, version, self._ttl], client=pipe
+                    )
+                if listings:
+                    pipe.incr(LISTING_GENERATION_KEY)
+                pipe.execute()
             except redis.RedisError as exc:
                 self._failed(exc)
             else:
+                self._repaired(*repairing)
                 return
         with self._lock:
-            self._dirty.add(product_id)
+            self._dirty |= set(values)
+            self._listings_dirty |= listings
 
-    def _repair(self) -> None:
+    def _repair(self, pipe: redis.client.Pipeline) -> tuple[set[int], bool]:
+        """Queue the drops of entries whose writes were lost (forgotten once executed)."""
         with self._lock:
             dirty, listings = set(self._dirty), self._listings_dirty
+        if dirty:
+            pipe.delete(*[product_key(i) for i in dirty])
+        if dirty or listings:
+            pipe.incr(LISTING_GENERATION_KEY)
+        return dirty, listings
+
+    def _repaired(self, dirty: set[int], listings: bool) -> None:
         if not dirty and not listings:
             return
-        if dirty:
-            self._client.delete(*[product_key(i) for i in dirty])
-        self._client.incr(LISTING_GENERATION_KEY)
         with self._lock:
             self._dirty -= dirty
-            self._listings_dirty = False
+            if listings:
+                self._listings_dirty = False
         log.info("product cache repaired: %d entries dropped", len(dirty))
 
     def listing_generation(self) -> int | None:
@@ -163,13 +197,7 @@ class ProductCache:
 
     def invalidate_listings(self) -> None:
         """Every cached listing page becomes unreachable (their keys embed the generation)."""
-        try:
-            self._repair()
-            self._client.incr(LISTING_GENERATION_KEY)
-        except redis.RedisError as exc:
-            self._failed(exc)
-            with self._lock:
-                self._listings_dirty = True
+        self._write({}, listings=True)
 
 
 def make_redis(url: str, *, timeout: float | None = 1.0) -> redis.Redis:

@@ -65,14 +65,19 @@ class Settings:
     # Queue partitioning and the worker's batching (ARCHITECTURE rules 1 and 6).
     partitions: int = 16
     batch_size: int = 200
-    drain_linger_ms: int = 10
+    # Partitions one worker process drains at once (a thread each).
+    worker_threads: int = 4
+    # The history listener waits this long before a drain, so outbox rows arrive in batches.
+    history_linger_ms: int = 200
     job_max_attempts: int = 3
     sweep_after_seconds: float = 5.0
     sweep_interval_seconds: float = 2.0
     visibility_timeout_seconds: int = 300
     task_time_limit_seconds: int = 120
-    worker_index: int = 0
-    worker_count: int = 1
+    # Which partition worker this is (its Celery node name); every worker drains every partition.
+    # Set by the run command's supervisor (0..K-1), or derived from honcho's
+    # HONCHO_PROCESS_NAME (`honcho start -c worker=K`).
+    worker_id: int = 0
 
     # HTTP edge.
     rate_limit: str = "200/second"
@@ -95,11 +100,6 @@ class Settings:
 
     log_level: str = "INFO"
 
-    # This process among its Procfile type's instances (0..K-1), set by the run
-    # command's supervisor (or derived from honcho's HONCHO_PROCESS_NAME): distinct
-    # Celery node names for K partition workers.
-    worker_id: int = 0
-
     # Flower's HTTP basic auth, ``user:password`` (comma-separated for several).
     flower_basic_auth: str = ""
 
@@ -108,8 +108,10 @@ class Settings:
             raise ConfigError("DATABASE_URL is required")
         if self.partitions < 1:
             raise ConfigError("PARTITIONS must be at least 1")
-        if not 0 <= self.worker_index < self.worker_count:
-            raise ConfigError("WORKER_INDEX must be in 0..WORKER_COUNT-1")
+        if self.worker_threads < 1:
+            raise ConfigError("WORKER_THREADS must be at least 1")
+        if self.worker_id < 0:
+            raise ConfigError("WORKER_ID must not be negative")
         if self.batch_size < 1:
             raise ConfigError("BATCH_SIZE must be at least 1")
         if self.rate_limit.lower() != "off" and not _RATE_LIMIT.match(self.rate_limit):
@@ -118,8 +120,6 @@ class Settings:
             )
         if self.app_env is AppEnv.PRODUCTION and not self.admin_token:
             raise ConfigError("ADMIN_TOKEN is required when APP_ENV=production")
-        if self.worker_id < 0:
-            raise ConfigError("WORKER_ID must be 0 or more")
         if self.flower_basic_auth and not _BASIC_AUTH.match(self.flower_basic_auth):
             raise ConfigError("FLOWER_BASIC_AUTH must look like 'user:password'")
 

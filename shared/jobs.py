@@ -15,14 +15,26 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Row,
+    String,
+    Table,
+    bindparam,
+    column,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
 from sqlalchemy.orm import Session
 
 from shared.domain.errors import ErrorCode
+from shared.formats import rfc3339
 from shared.models import Job
 from shared.partitions import HISTORY_QUEUE, PartitionKind, partition
 
@@ -112,9 +124,71 @@ def fingerprint(method: str, path: str, payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_jobs = cast(Table, Job.__table__)
+# Only what the server makes: the rest of a new row is what the caller gave.
+_INSERT = insert(_jobs).returning(_jobs.c.seq, _jobs.c.created_at)
+_INSERT_ONCE = (
+    insert(_jobs)
+    .on_conflict_do_nothing(index_elements=["idempotency_key"])
+    .returning(_jobs.c.seq, _jobs.c.created_at)
+)
+_SELECT = select(*_jobs.c)
+
+# ``position.ahead`` is exact up to this many jobs (API.md), then this number.
+POSITION_CAP = 10_000
+
+# A session or a bare connection: the accept path runs on either.
+Executor = Session | Connection
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job row as read or written (a plain value: no ORM identity map behind it)."""
+
+    id: uuid.UUID
+    seq: int
+    kind: str
+    partition: str
+    payload: dict[str, Any]
+    status: str
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    attempts: int
+    idempotency_key: str | None
+    request_hash: str | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+
+    @property
+    def pending(self) -> bool:
+        return self.status == JobStatus.PENDING.value
+
+
+def _record_of(row: Row[Any]) -> JobRecord:
+    return JobRecord(**row._mapping)
+
+
+def _new_record(values: dict[str, Any], seq: int, created_at: dt.datetime) -> JobRecord:
+    return JobRecord(
+        id=values["id"],
+        seq=seq,
+        kind=values["kind"],
+        partition=values["partition"],
+        payload=values["payload"],
+        status=JobStatus.PENDING.value,
+        result=None,
+        error=None,
+        attempts=0,
+        idempotency_key=values.get("idempotency_key"),
+        request_hash=values.get("request_hash"),
+        created_at=created_at,
+        finished_at=None,
+    )
+
+
 @dataclass(frozen=True)
 class Recorded:
-    job: Job
+    job: JobRecord
     created: bool  # False when an Idempotency-Key matched an existing job
 
 
@@ -123,48 +197,115 @@ class IdempotencyKeyReused(Exception):
 
 
 def record(
-    session: Session,
+    executor: Executor,
     *,
     kind: JobKind,
     payload: dict[str, Any],
     partitions: int,
     idempotency_scope: str | None = None,
     request_hash: str | None = None,
+    job_id: uuid.UUID | None = None,
 ) -> Recorded:
-    """Add a PENDING job row (the caller commits).
+    """Add a PENDING job row (the caller commits, or runs it on an autocommit connection).
 
-    With ``idempotency_scope`` (method, path and client key), concurrent requests
-    with one key create one row: ``INSERT .. ON CONFLICT DO NOTHING`` on the unique
-    key, then the existing row is returned if its fingerprint matches, else
-    ``IdempotencyKeyReused`` is raised.
+    One statement, one round trip.  With ``idempotency_scope`` (method, path and client
+    key), concurrent requests with one key create one row: ``INSERT .. ON CONFLICT DO
+    NOTHING`` on the unique key, then the existing row is returned if its fingerprint
+    matches, else ``IdempotencyKeyReused`` is raised.  ``job_id`` lets the caller know
+    the id before the row exists (to listen for its outcome first).
     """
-    values = {
-        "id": uuid.uuid4(),
+    values: dict[str, Any] = {
+        "id": job_id or uuid.uuid4(),
         "kind": kind.value,
         "partition": partition_for_job(kind, payload, partitions),
         "payload": payload,
-        "idempotency_key": idempotency_scope,
-        "request_hash": request_hash,
     }
-    stmt = insert(Job).values(**values)
-    if idempotency_scope is not None:
-        stmt = stmt.on_conflict_do_nothing(index_elements=["idempotency_key"])
-    inserted = session.scalars(stmt.returning(Job)).one_or_none()
-    if inserted is None:
-        existing = session.execute(
-            select(Job).where(Job.idempotency_key == idempotency_scope)
-        ).scalar_one()
-        if existing.request_hash != request_hash:
-            raise IdempotencyKeyReused(idempotency_scope)
-        return Recorded(existing, created=False)
-    return Recorded(inserted, created=True)
+    if idempotency_scope is None:
+        seq, created_at = executor.execute(_INSERT, values).one()
+        return Recorded(_new_record(values, seq, created_at), created=True)
+    values |= {"idempotency_key": idempotency_scope, "request_hash": request_hash}
+    inserted = executor.execute(_INSERT_ONCE, values).one_or_none()
+    if inserted is not None:
+        return Recorded(_new_record(values, *inserted), created=True)
+    existing = _record_of(
+        executor.execute(_SELECT.where(_jobs.c.idempotency_key == idempotency_scope)).one()
+    )
+    if existing.request_hash != request_hash:
+        raise IdempotencyKeyReused(idempotency_scope)
+    return Recorded(existing, created=False)
 
 
-def get_job(session: Session, job_id: uuid.UUID) -> Job | None:
-    return session.get(Job, job_id, populate_existing=True)
+def get_job(executor: Executor, job_id: uuid.UUID) -> JobRecord | None:
+    row = executor.execute(_SELECT.where(_jobs.c.id == job_id)).one_or_none()
+    return None if row is None else _record_of(row)
 
 
-def lock_pending_batch(session: Session, queue: str, limit: int) -> list[Job]:
+def get_finished_jobs(executor: Executor, job_ids: list[uuid.UUID]) -> list[JobRecord]:
+    """Those of ``job_ids`` that have finished (one query, however many are asked)."""
+    if not job_ids:
+        return []
+    rows = executor.execute(
+        _SELECT.where(_jobs.c.id.in_(job_ids), _jobs.c.status != JobStatus.PENDING.value)
+    )
+    return [_record_of(row) for row in rows]
+
+
+def jobs_ahead(executor: Executor, job: JobRecord) -> int:
+    """PENDING jobs of the job's partition committed before it, counted up to POSITION_CAP."""
+    ahead = (
+        select(_jobs.c.seq)
+        .where(
+            _jobs.c.partition == job.partition,
+            _jobs.c.status == JobStatus.PENDING.value,
+            _jobs.c.seq < job.seq,
+        )
+        .limit(POSITION_CAP)
+        .subquery()
+    )
+    return int(executor.execute(select(func.count()).select_from(ahead)).scalar_one())
+
+
+def job_document(
+    *,
+    job_id: uuid.UUID,
+    kind: str,
+    status: str,
+    result: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+    created_at: dt.datetime,
+    finished_at: dt.datetime | None,
+    partition: str,
+    ahead: int | None = None,
+) -> dict[str, Any]:
+    """The job status document of API.md (``GET /v1/jobs/{id}``, and ``Prefer: wait``)."""
+    pending = status == JobStatus.PENDING.value
+    return {
+        "jobId": str(job_id),
+        "kind": kind,
+        "status": status,
+        "result": result,
+        "error": error,
+        "createdAt": rfc3339(created_at),
+        "finishedAt": rfc3339(finished_at) if finished_at else None,
+        "position": {"partition": partition, "ahead": ahead or 0} if pending else None,
+    }
+
+
+def document_of(job: JobRecord, ahead: int | None = None) -> dict[str, Any]:
+    return job_document(
+        job_id=job.id,
+        kind=job.kind,
+        status=job.status,
+        result=job.result,
+        error=job.error,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        partition=job.partition,
+        ahead=ahead,
+    )
+
+
+def lock_pending_batch(session: Session, queue: str, limit: int) -> list[JobRecord]:
     """The oldest PENDING jobs of ``queue``, locked, in commit order.
 
     The transaction-scoped advisory lock makes the partition's consumer exclusive
@@ -172,34 +313,35 @@ def lock_pending_batch(session: Session, queue: str, limit: int) -> list[Job]:
     the second waits, then finds those jobs finished.
     """
     lock_partition(session, queue)
-    return list(
-        session.execute(
-            select(Job)
-            .where(Job.partition == queue, Job.status == JobStatus.PENDING.value)
-            .order_by(Job.seq)
-            .limit(limit)
-            .with_for_update()
-        ).scalars()
+    rows = session.execute(
+        _SELECT.where(_jobs.c.partition == queue, _jobs.c.status == JobStatus.PENDING.value)
+        .order_by(_jobs.c.seq)
+        .limit(limit)
+        .with_for_update()
     )
+    return [_record_of(row) for row in rows]
 
 
 def partition_has_pending(session: Session, queue: str) -> bool:
     return (
         session.execute(
-            select(Job.id)
-            .where(Job.partition == queue, Job.status == JobStatus.PENDING.value)
+            select(_jobs.c.id)
+            .where(_jobs.c.partition == queue, _jobs.c.status == JobStatus.PENDING.value)
             .limit(1)
         ).first()
         is not None
     )
 
 
-def lock_pending_job(session: Session, queue: str, job_id: uuid.UUID) -> Job | None:
+def lock_pending_job(session: Session, queue: str, job_id: uuid.UUID) -> JobRecord | None:
     """One job of ``queue``, locked, if it is still PENDING (for the one-by-one replay)."""
     lock_partition(session, queue)
-    return session.execute(
-        select(Job).where(Job.id == job_id, Job.status == JobStatus.PENDING.value).with_for_update()
-    ).scalar_one_or_none()
+    row = session.execute(
+        _SELECT.where(
+            _jobs.c.id == job_id, _jobs.c.status == JobStatus.PENDING.value
+        ).with_for_update()
+    ).one_or_none()
+    return None if row is None else _record_of(row)
 
 
 def lock_partition(session: Session, queue: str) -> None:
@@ -210,26 +352,99 @@ def lock_partition(session: Session, queue: str) -> None:
     session.execute(select(func.pg_advisory_xact_lock(lock_id)))
 
 
-def mark_succeeded(job: Job, result: dict[str, Any]) -> None:
-    job.status = JobStatus.SUCCEEDED.value
-    job.result = result
-    job.finished_at = dt.datetime.now(dt.UTC)
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a job finished: SUCCEEDED with a result, or FAILED with an error."""
+
+    job: JobRecord
+    status: JobStatus
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    finished_at: dt.datetime
+
+    @classmethod
+    def succeeded(cls, job: JobRecord, result: dict[str, Any], at: dt.datetime) -> JobOutcome:
+        return cls(job, JobStatus.SUCCEEDED, result, None, at)
+
+    @classmethod
+    def failed(cls, job: JobRecord, code: ErrorCode, message: str, at: dt.datetime) -> JobOutcome:
+        return cls(job, JobStatus.FAILED, None, {"code": code.value, "message": message}, at)
+
+    def document(self) -> dict[str, Any]:
+        return job_document(
+            job_id=self.job.id,
+            kind=self.job.kind,
+            status=self.status.value,
+            result=self.result,
+            error=self.error,
+            created_at=self.job.created_at,
+            finished_at=self.finished_at,
+            partition=self.job.partition,
+        )
 
 
-def mark_failed(job: Job, code: ErrorCode, message: str) -> None:
-    job.status = JobStatus.FAILED.value
-    job.error = {"code": code.value, "message": message}
-    job.finished_at = dt.datetime.now(dt.UTC)
+# The outcomes of a batch as one JSON parameter, so the UPDATE compiles once whatever
+# the batch size: jsonb_to_recordset(:outcomes) AS outcome(id uuid, status ..., ...).
+_OUTCOMES = (
+    func.jsonb_to_recordset(bindparam("outcomes", type_=JSONB))
+    .table_valued(
+        column("id", UUID(as_uuid=True)),
+        column("status", String),
+        column("result", JSONB),
+        column("error", JSONB),
+        column("finished_at", DateTime(timezone=True)),
+        name="outcome",
+    )
+    .render_derived(with_types=True)
+)
+_FINISH = (
+    update(_jobs)
+    .where(_jobs.c.id == _OUTCOMES.c.id, _jobs.c.status == JobStatus.PENDING.value)
+    .values(
+        status=_OUTCOMES.c.status,
+        result=_OUTCOMES.c.result,
+        error=_OUTCOMES.c.error,
+        finished_at=_OUTCOMES.c.finished_at,
+    )
+    .returning(_jobs.c.id)
+)
+
+
+def finish_jobs(session: Session, outcomes: list[JobOutcome]) -> None:
+    """Write the outcomes of a batch in one UPDATE (only jobs still PENDING change).
+
+    Raises if a job was not PENDING any more: its lock was bypassed, so the batch
+    must roll back rather than record a second outcome.
+    """
+    if not outcomes:
+        return
+    rows = session.execute(
+        _FINISH,
+        {
+            "outcomes": [
+                {
+                    "id": str(o.job.id),
+                    "status": o.status.value,
+                    "result": o.result,
+                    "error": o.error,
+                    "finished_at": o.finished_at.isoformat(),
+                }
+                for o in outcomes
+            ]
+        },
+    ).all()
+    if len(rows) != len(outcomes):
+        raise RuntimeError(f"{len(outcomes) - len(rows)} jobs of a batch were finished under it")
 
 
 def count_attempt(session: Session, job_id: uuid.UUID) -> int:
     """Record one failed attempt at applying a job; returns the attempts so far."""
     return int(
         session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(attempts=Job.attempts + 1)
-            .returning(Job.attempts)
+            update(_jobs)
+            .where(_jobs.c.id == job_id)
+            .values(attempts=_jobs.c.attempts + 1)
+            .returning(_jobs.c.attempts)
         ).scalar_one()
     )
 
@@ -239,8 +454,8 @@ def stale_partitions(session: Session, older_than: dt.timedelta) -> list[str]:
     cutoff = func.now() - older_than
     return list(
         session.execute(
-            select(Job.partition)
-            .where(Job.status == JobStatus.PENDING.value, Job.created_at < cutoff)
+            select(_jobs.c.partition)
+            .where(_jobs.c.status == JobStatus.PENDING.value, _jobs.c.created_at < cutoff)
             .distinct()
         ).scalars()
     )
@@ -249,8 +464,8 @@ def stale_partitions(session: Session, older_than: dt.timedelta) -> list[str]:
 def purge_idempotency_keys(session: Session, older_than: dt.timedelta) -> int:
     """Forget Idempotency-Keys older than the retention (API.md: at least 24 hours)."""
     result = session.execute(
-        update(Job)
-        .where(Job.idempotency_key.is_not(None), Job.created_at < func.now() - older_than)
+        update(_jobs)
+        .where(_jobs.c.idempotency_key.is_not(None), _jobs.c.created_at < func.now() - older_than)
         .values(idempotency_key=None)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]  # CursorResult of an UPDATE

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from typing import Any
 
 from flask import Flask
 from flask_limiter import Limiter
@@ -12,12 +14,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.cache import ProductCache, make_redis
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
+from shared.jobs import document_of, get_finished_jobs
 from web import admin, coupons, health, jobs, orders, points, products, users
 from web.api import IdConverter, install_connection_handling
 from web.errors import register_error_handlers
 from web.publish import Publisher, install_publishing
 from web.session import install_sessions
-from web.waiters import JobWaiters
+from web.waiters import JobWaiters, Recheck
 
 BLUEPRINTS = (
     points.bp,
@@ -50,8 +53,11 @@ def create_app(
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["settings"] = settings
 
+    recheck: Recheck | None = None
     if session_factory is None:
         session_factory = make_session_factory(make_engine(settings, pre_ping=False))
+        app.extensions["autocommit_engine"] = make_engine(settings, pre_ping=False, autocommit=True)
+        recheck = finished_documents(session_factory)
         if settings.database_replica_url:
             replica = make_engine(settings, url=settings.database_replica_url, pre_ping=False)
             app.extensions["replica_session_factory"] = make_session_factory(replica)
@@ -60,7 +66,9 @@ def create_app(
     cache_client = make_redis(settings.cache_url, timeout=0.25)
     app.extensions["cache_redis"] = cache_client
     app.extensions["product_cache"] = ProductCache(cache_client, settings.cache_ttl_seconds)
-    app.extensions["job_waiters"] = JobWaiters(make_redis(settings.coordination_url, timeout=None))
+    app.extensions["job_waiters"] = JobWaiters(
+        make_redis(settings.coordination_url, timeout=None), recheck
+    )
     install_publishing(app, settings, publisher)
     _install_rate_limit(app, settings)
     install_sessions(app)
@@ -70,6 +78,16 @@ def create_app(
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
     return app
+
+
+def finished_documents(factory: sessionmaker[Session]) -> Recheck:
+    """The waiters' safety net: status documents of those jobs that have finished."""
+
+    def recheck(job_ids: list[uuid.UUID]) -> dict[str, dict[str, Any]]:
+        with factory() as session:
+            return {str(job.id): document_of(job) for job in get_finished_jobs(session, job_ids)}
+
+    return recheck
 
 
 def _install_rate_limit(app: Flask, settings: Settings) -> None:

@@ -1,4 +1,9 @@
-"""gunicorn settings of the web process (``gunicorn -c python:web.gunicorn_conf``).
+"""gunicorn settings of the web process (``gunicorn -c web/gunicorn_conf.py``).
+
+Loaded by path, not as ``python:web.gunicorn_conf``: importing it as a module would
+import the ``web`` package (Flask, SQLAlchemy, psycopg, redis) into the master before
+the gevent worker monkey-patches the standard library, and psycopg, which picks its
+wait function at import, would then block the whole worker on every query.
 
 Requests gunicorn refuses before the app sees them (a bad request line, an
 over-long URL or header block, a broken chunked body) would get gunicorn's HTML

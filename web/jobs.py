@@ -3,18 +3,49 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, jsonify
 from werkzeug.exceptions import NotFound
 
-from shared.jobs import JobStatus, get_job
+from shared.config import Settings
+from shared.jobs import document_of, get_job, jobs_ahead
 from web.api import operation
-from web.render import job_view, render
 from web.schemas import JobView, JobWaitQuery
-from web.session import db_session
+from web.session import autocommit
 from web.waiters import JobWaiters
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+
+
+def current_document(job_id: uuid.UUID) -> dict[str, Any] | None:
+    """The job's status document as the primary has it now (None: no such job).
+
+    Job status always reads the primary: a job just answered 202 must never 404.
+    The session is closed again at once, so a request that goes on to wait holds
+    no database connection.
+    """
+    with autocommit() as connection:
+        job = get_job(connection, job_id)
+        if job is None:
+            return None
+        return document_of(job, jobs_ahead(connection, job) if job.pending else None)
+
+
+def await_document(job_id: uuid.UUID, seconds: float) -> dict[str, Any] | None:
+    """The job's status document once it finishes, or after ``seconds`` as it is then."""
+    waiters: JobWaiters = current_app.extensions["job_waiters"]
+    with waiters.waiting(str(job_id)) as waiter:
+        document = current_document(job_id)
+        if document is None or document["status"] != "PENDING":
+            return document
+        finished = waiter.wait(seconds)
+    return finished or current_document(job_id)
+
+
+def wait_cap(requested: int) -> int:
+    settings: Settings = current_app.extensions["settings"]
+    return min(requested, settings.max_wait_seconds)
 
 
 @operation(
@@ -30,20 +61,8 @@ def get_job_status(job_id: str, query: JobWaitQuery) -> Response:
         key = uuid.UUID(job_id)
     except ValueError:
         raise NotFound() from None
-    # Job status always reads the primary: a job just answered 202 must never 404.
-    session = db_session()
-    job = get_job(session, key)
-    if job is None:
+    wait = wait_cap(query.wait)
+    document = await_document(key, wait) if wait > 0 else current_document(key)
+    if document is None:
         raise NotFound()
-    if job.status == JobStatus.PENDING and query.wait > 0:
-        waiters: JobWaiters = current_app.extensions["job_waiters"]
-
-        def finished() -> bool:
-            session.close()  # hold no connection while waiting
-            current = get_job(session, key)
-            return current is not None and current.status != JobStatus.PENDING
-
-        wait_seconds = min(query.wait, current_app.extensions["settings"].max_wait_seconds)
-        waiters.wait(str(key), wait_seconds, finished)
-        job = get_job(session, key) or job
-    return render(job_view(job))
+    return jsonify(document)

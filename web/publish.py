@@ -9,6 +9,7 @@ a job POST answers 503 at once and writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -20,26 +21,33 @@ from celery import Celery
 from flask import Response, current_app, jsonify, request
 from sqlalchemy.exc import DBAPIError
 
+from shared.broker import TRANSPORT as BROKER_TRANSPORT
 from shared.cache import make_redis
 from shared.config import Settings
 from shared.domain.errors import ErrorCode
 from shared.jobs import (
     IdempotencyKeyReused,
     JobKind,
+    JobRecord,
+    JobStatus,
     fingerprint,
     get_job,
     record,
     task_for_queue,
     wake_partition,
 )
-from shared.models import Job
+from web.breaker import Breaker
 from web.errors import ApiError, unavailable, validation_error
-from web.session import db_session
+from web.jobs import await_document, current_document
+from web.session import autocommit
+from web.waiters import JobWaiters
 
 log = logging.getLogger(__name__)
 
 # Look-ups of a job row whose COMMIT lost its answer, before answering 503.
 COMMIT_CHECK_TRIES = 3
+# API.md caps ``Prefer: wait`` at 30 seconds (and at MAX_WAIT_SECONDS).
+MAX_PREFER_WAIT_SECONDS = 30
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,128}$")
 
@@ -58,6 +66,7 @@ class CeleryPublisher:
     def __init__(self, settings: Settings) -> None:
         self._celery = Celery("shop-web", broker=settings.broker_url, set_as_current=False)
         self._celery.conf.update(
+            broker_transport=BROKER_TRANSPORT,
             task_serializer="json",
             accept_content=["json"],
             broker_connection_timeout=1,
@@ -82,14 +91,14 @@ class CeleryPublisher:
         self._broker.ping()
 
 
-def _breakers(settings: Settings) -> tuple[pybreaker.CircuitBreaker, pybreaker.CircuitBreaker]:
-    db = pybreaker.CircuitBreaker(
+def _breakers(settings: Settings) -> tuple[Breaker, Breaker]:
+    db = Breaker(
         fail_max=settings.breaker_fail_max,
         reset_timeout=settings.breaker_reset_seconds,
         exclude=[IdempotencyKeyReused, ApiError],
         name="database",
     )
-    broker = pybreaker.CircuitBreaker(
+    broker = Breaker(
         fail_max=settings.breaker_fail_max,
         reset_timeout=settings.breaker_reset_seconds,
         name="broker",
@@ -115,7 +124,30 @@ def _idempotency_scope() -> str | None:
     return f"{request.method} {request.path} {key}"
 
 
-def job_accepted(job: Job) -> Response:
+def preferred_wait() -> int | None:
+    """Seconds asked for by ``Prefer: wait=<n>`` (RFC 7240), capped; None if not asked.
+
+    A preference that cannot be understood is ignored, never refused (RFC 7240 §2).
+    Of several ``wait`` preferences the first counts.
+    """
+    for header in request.headers.getlist("Prefer"):
+        for preference in header.split(","):
+            name, _, value = preference.split(";", 1)[0].partition("=")
+            if name.strip().lower() != "wait":
+                continue
+            value = value.strip().strip('"')
+            if not value.isascii() or not value.isdigit() or int(value) <= 0:
+                return None
+            return min(int(value), MAX_PREFER_WAIT_SECONDS, settings_of().max_wait_seconds)
+    return None
+
+
+def settings_of() -> Settings:
+    settings: Settings = current_app.extensions["settings"]
+    return settings
+
+
+def job_accepted(job: JobRecord) -> Response:
     status_url = f"/v1/jobs/{job.id}"
     response = jsonify({"jobId": str(job.id), "status": job.status, "statusUrl": status_url})
     response.status_code = 202
@@ -123,7 +155,15 @@ def job_accepted(job: Job) -> Response:
     return response
 
 
-def _ensure_broker_reachable(breaker: pybreaker.CircuitBreaker, publisher: Publisher) -> None:
+def job_finished(document: dict[str, Any], applied_wait: int) -> Response:
+    """``Prefer: wait`` honoured: the finished job's status document, as GET answers it."""
+    response = jsonify(document)
+    response.headers["Location"] = f"/v1/jobs/{document['jobId']}"
+    response.headers["Preference-Applied"] = f"wait={applied_wait}"
+    return response
+
+
+def _ensure_broker_reachable(breaker: Breaker, publisher: Publisher) -> None:
     """503 before writing anything while the broker is known to be down."""
     if breaker.current_state == pybreaker.STATE_CLOSED:
         return
@@ -133,72 +173,90 @@ def _ensure_broker_reachable(breaker: pybreaker.CircuitBreaker, publisher: Publi
         raise unavailable("the job queue is unavailable; retry later") from exc
 
 
-def _committed_anyway(job_id: uuid.UUID) -> Job | None:
+def _committed_anyway(job_id: uuid.UUID) -> JobRecord | None:
     """The job, if its COMMIT went through although its answer was lost (connection broken).
 
     A 503 may only say that no row was committed (API.md), so before answering it after a
     failed COMMIT, look the row up on a fresh connection (a few quick tries).  ``None``:
     not committed, or the database stays unreachable (then it cannot be known).
     """
-    factory = current_app.extensions["session_factory"]
     for attempt in range(COMMIT_CHECK_TRIES):
         try:
-            with factory() as session:
-                return get_job(session, job_id)
+            with autocommit() as connection:
+                return get_job(connection, job_id)
         except DBAPIError:
             time.sleep(0.1 * (attempt + 1))
     return None
 
 
-def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
-    """Record the job, commit, then wake its partition; answer 202 (or 503 / 422)."""
-    app = current_app
-    settings: Settings = app.extensions["settings"]
-    publisher: Publisher = app.extensions["publisher"]
-    db_breaker: pybreaker.CircuitBreaker = app.extensions["db_breaker"]
-    broker_breaker: pybreaker.CircuitBreaker = app.extensions["broker_breaker"]
+def _record_and_commit(
+    kind: JobKind, payload: dict[str, Any], scope: str | None, job_id: uuid.UUID
+) -> JobRecord:
+    """Write the job row and commit (through the database breaker); 503 / 422 if not."""
+    settings = settings_of()
+    db_breaker: Breaker = current_app.extensions["db_breaker"]
+    committing = False
 
-    scope = _idempotency_scope()
-    _ensure_broker_reachable(broker_breaker, publisher)
-
-    committing: list[uuid.UUID] = []  # the job whose COMMIT was sent, once it is
-
-    def record_and_commit() -> Job:
-        session = db_session()
-        try:
+    def record_and_commit() -> JobRecord:
+        nonlocal committing
+        with autocommit() as connection:
+            committing = True  # connected: from here on the row may exist, answer or not
             recorded = record(
-                session,
+                connection,
                 kind=kind,
                 payload=payload,
                 partitions=settings.partitions,
                 idempotency_scope=scope,
                 request_hash=fingerprint(request.method, request.path, payload) if scope else None,
+                job_id=job_id,
             )
-            committing.append(recorded.job.id)
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
         return recorded.job
 
     try:
-        job = db_breaker.call(record_and_commit)
+        return db_breaker.call(record_and_commit)
     except IdempotencyKeyReused as exc:
         raise ApiError(
             422, ErrorCode.IDEMPOTENCY_KEY_REUSED, "this Idempotency-Key was used with other input"
         ) from exc
     except (pybreaker.CircuitBreakerError, DBAPIError) as exc:
-        found = _committed_anyway(committing[0]) if committing else None
+        found = _committed_anyway(job_id) if committing else None
         if found is None:
             log.warning("job not accepted, database unavailable: %s", exc)
             raise unavailable("the database is unavailable; retry later") from exc
         log.warning("job %s: the answer to COMMIT was lost, the row is there: %s", found.id, exc)
-        job = found
+        return found
 
-    # Committed: from here on the answer is 202 (the sweeper covers a failed send).
-    if job.status == "PENDING":
-        try:
-            broker_breaker.call(publisher.wake, job.partition)
-        except Exception as exc:
-            log.warning("job %s committed but not sent (sweeper will): %s", job.id, exc)
-    return job_accepted(job)
+
+def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
+    """Record the job, commit, then wake its partition; answer 202 (or 503 / 422).
+
+    With ``Prefer: wait=<n>`` the answer waits up to n seconds for the job to finish
+    and is then 200 with its status document (API.md); the waiter is registered
+    before the row exists, so a worker that finishes the job at once is not missed.
+    """
+    publisher: Publisher = current_app.extensions["publisher"]
+    broker_breaker: Breaker = current_app.extensions["broker_breaker"]
+    waiters: JobWaiters = current_app.extensions["job_waiters"]
+
+    scope = _idempotency_scope()
+    wait = preferred_wait()
+    _ensure_broker_reachable(broker_breaker, publisher)
+    job_id = uuid.uuid4()
+    with waiters.waiting(str(job_id)) if wait else contextlib.nullcontext() as waiter:
+        job = _record_and_commit(kind, payload, scope, job_id)
+        # Committed: from here on the answer is 202 (the sweeper covers a failed send).
+        if job.pending:
+            try:
+                broker_breaker.call(publisher.wake, job.partition)
+            except Exception as exc:
+                log.warning("job %s committed but not sent (sweeper will): %s", job.id, exc)
+        if wait is None:
+            return job_accepted(job)
+        if job.id != job_id:  # an Idempotency-Key replay: the existing job's outcome
+            document = await_document(job.id, wait)
+        else:
+            assert waiter is not None
+            document = waiter.wait(wait) or current_document(job.id)
+    if document is None or document["status"] == JobStatus.PENDING.value:
+        return job_accepted(job)
+    return job_finished(document, wait)

@@ -6,7 +6,7 @@ from flask import Response, jsonify
 from pydantic import BaseModel
 
 from shared.formats import rfc3339
-from shared.models import Coupon, Job, Order, OrderLine, UserCoupon
+from shared.models import Coupon, Order, OrderLine, UserCoupon
 from web import schemas
 
 
@@ -16,18 +16,6 @@ def render(model: BaseModel, status: int = 200, headers: dict[str, str] | None =
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
-
-
-def job_view(job: Job) -> schemas.JobView:
-    return schemas.JobView(
-        job_id=str(job.id),
-        kind=job.kind,
-        status=job.status,
-        result=job.result,
-        error=schemas.ErrorInfo(**job.error) if job.error else None,
-        created_at=rfc3339(job.created_at),
-        finished_at=rfc3339(job.finished_at) if job.finished_at else None,
-    )
 
 
 def order_view(order: Order, lines: list[OrderLine]) -> schemas.OrderView:

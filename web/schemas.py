@@ -91,6 +91,13 @@ class ErrorInfo(Out):
     message: str
 
 
+class JobPosition(Out):
+    partition: str = Field(description="the partition queue that applies the job")
+    ahead: int = Field(
+        ge=0, le=10_000, description="PENDING jobs of the partition committed before this one"
+    )
+
+
 class JobView(Out):
     job_id: str
     kind: Literal["POINTS_CHARGE", "POINTS_USE", "STOCK_SET", "ORDER_CREATE", "COUPON_ISSUE"]
@@ -99,6 +106,7 @@ class JobView(Out):
     error: ErrorInfo | None
     created_at: Timestamp
     finished_at: Timestamp | None
+    position: JobPosition | None = Field(description="while PENDING; null once finished")
 
 
 class JobWaitQuery(Query):

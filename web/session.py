@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from flask import Flask, current_app, g
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 
@@ -12,6 +16,31 @@ def db_session() -> Session:
         session = current_app.extensions["session_factory"]()
         g.db_session = session
     return session
+
+
+@contextmanager
+def autocommit() -> Iterator[Connection]:
+    """A primary connection on which each statement is its own transaction.
+
+    In production it comes from the app's autocommit engine (one round trip per
+    statement).  Tests inject a session factory bound to their own transaction: the
+    block then runs on a session that is committed (a savepoint) when it ends.
+    Either way no connection is held once the block is left.
+    """
+    engine: Engine | None = current_app.extensions.get("autocommit_engine")
+    if engine is not None:
+        with engine.connect() as connection:
+            yield connection
+        return
+    session = db_session()
+    try:
+        yield session.connection()
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
 
 
 def read_session() -> Session:

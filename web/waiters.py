@@ -1,8 +1,17 @@
-"""Long polls on a job, woken by the workers' ``jobs:finished`` notifications.
+"""Clients waiting for jobs to finish (long polls and ``Prefer: wait``).
 
-One listener thread per web process subscribes to the channel; a waiting request
-sleeps on an Event instead of polling the database in a loop.  If Redis is
-unreachable the wait still ends: each waiter re-reads the job once a second.
+Workers publish, after each commit, one ``jobs:finished`` message carrying the
+status document of every job the batch finished.  One listener thread per web
+process subscribes to it and hands each document to the requests waiting for
+that job, which answer with it: a waiting request reads no row and holds no
+database connection while it waits (web runs gevent, so it holds no OS thread
+either; thousands may wait at once).
+
+A notification can be missed (Redis restarted, the listener reconnecting, a
+worker's publish failing after its commit), so the listener also re-reads, once
+a second and in one query, the jobs that have been waited for longer than that
+(``recheck``), and a request re-reads its job at its deadline.  Neither is on the
+path of a notification that arrives.
 """
 
 from __future__ import annotations
@@ -11,8 +20,10 @@ import json
 import logging
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import redis
 
@@ -21,62 +32,116 @@ from shared.jobs import FINISHED_CHANNEL
 log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 1.0
+SUBSCRIBE_TIMEOUT_SECONDS = 2.0
+
+# Given the ids of waited-for jobs, the status documents of those that have finished.
+Recheck = Callable[[list[uuid.UUID]], dict[str, dict[str, Any]]]
+
+
+class Waiter:
+    """One request waiting for one job."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.since = time.monotonic()
+        self.document: dict[str, Any] | None = None
+        self._event = threading.Event()
+
+    def resolve(self, document: dict[str, Any]) -> None:
+        self.document = document
+        self._event.set()
+
+    def wait(self, timeout: float) -> dict[str, Any] | None:
+        """The finished job's status document, or None after ``timeout`` seconds."""
+        if timeout > 0:
+            self._event.wait(timeout)
+        return self.document
 
 
 class JobWaiters:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, recheck: Recheck | None = None) -> None:
         self._client = client
-        self._events: defaultdict[str, set[threading.Event]] = defaultdict(set)
+        self._recheck = recheck
+        self._waiting: dict[str, set[Waiter]] = {}
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._subscribed = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @contextmanager
+    def waiting(self, job_id: str) -> Iterator[Waiter]:
+        """Register a waiter for ``job_id`` for the block.  Enter it before reading or
+        writing the job's row, so that a finish in between is not missed."""
+        self._ensure_listener()
+        waiter = Waiter(job_id)
+        with self._lock:
+            self._waiting.setdefault(job_id, set()).add(waiter)
+        try:
+            yield waiter
+        finally:
+            with self._lock:
+                waiters = self._waiting.get(job_id)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._waiting[job_id]
 
     def _ensure_listener(self) -> None:
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
+            if not self._threads or not all(t.is_alive() for t in self._threads):
                 # Started lazily: after gunicorn forks, in the process that waits.
-                self._thread = threading.Thread(
-                    target=self._listen, name="job-waiters", daemon=True
-                )
-                self._thread.start()
+                self._threads = [
+                    threading.Thread(target=self._listen, name="job-waiters", daemon=True)
+                ]
+                if self._recheck is not None:
+                    self._threads.append(
+                        threading.Thread(target=self._recheck_loop, name="job-recheck", daemon=True)
+                    )
+                for thread in self._threads:
+                    thread.start()
+        # A notification published before the subscription took effect would be missed.
+        self._subscribed.wait(SUBSCRIBE_TIMEOUT_SECONDS)
 
     def _listen(self) -> None:
         while True:
             try:
-                pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
                 pubsub.subscribe(FINISHED_CHANNEL)
                 for message in pubsub.listen():
-                    self._wake(json.loads(message["data"]))
+                    if message["type"] == "subscribe":
+                        self._subscribed.set()
+                    elif message["type"] == "message":
+                        self.resolve(json.loads(message["data"]))
             except (redis.RedisError, OSError, ValueError) as exc:
+                self._subscribed.clear()
                 log.info("job listener reconnecting: %s", exc)
                 time.sleep(1.0)
 
-    def _wake(self, job_ids: list[str]) -> None:
+    def resolve(self, documents: dict[str, dict[str, Any]]) -> None:
+        """Hand each finished job's document to whoever waits for it."""
         with self._lock:
-            for job_id in job_ids:
-                for event in self._events.get(job_id, ()):
-                    event.set()
+            # Whichever is smaller is walked: a batch of 200 or a handful of waiters.
+            if len(documents) <= len(self._waiting):
+                ids = [job_id for job_id in documents if job_id in self._waiting]
+            else:
+                ids = [job_id for job_id in self._waiting if job_id in documents]
+            for job_id in ids:
+                for waiter in self._waiting[job_id]:
+                    waiter.resolve(documents[job_id])
 
-    def wait(self, job_id: str, timeout: float, finished: Callable[[], bool]) -> None:
-        """Return once ``finished()`` is true or ``timeout`` seconds have passed."""
-        if timeout <= 0 or finished():
-            return
-        self._ensure_listener()
-        event = threading.Event()
-        with self._lock:
-            self._events[job_id].add(event)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                # Registered before this check, so a finish between the two is not missed.
-                if finished():
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                event.wait(min(remaining, RECHECK_SECONDS))
-                event.clear()
-        finally:
+    def _recheck_loop(self) -> None:
+        assert self._recheck is not None
+        while True:
+            time.sleep(RECHECK_SECONDS)
+            cutoff = time.monotonic() - RECHECK_SECONDS
             with self._lock:
-                self._events[job_id].discard(event)
-                if not self._events[job_id]:
-                    del self._events[job_id]
+                overdue = [
+                    job_id
+                    for job_id, waiters in self._waiting.items()
+                    if any(w.since <= cutoff for w in waiters)
+                ]
+            if not overdue:
+                continue
+            try:
+                self.resolve(self._recheck([uuid.UUID(job_id) for job_id in overdue]))
+            except Exception as exc:  # the database is away: requests re-read at their deadline
+                log.info("job recheck failed: %s", exc)

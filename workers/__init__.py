@@ -12,6 +12,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from shared.broker import TRANSPORT as BROKER_TRANSPORT
 from shared.config import Settings
 from shared.jobs import DRAIN_TASK, HISTORY_TASK, task_for_queue
 from shared.partitions import HISTORY_QUEUE, all_partition_queues
@@ -38,6 +39,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app = Celery("shop", set_as_current=False)
     app.conf.update(
         broker_url=settings.broker_url,
+        broker_transport=BROKER_TRANSPORT,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         task_serializer="json",

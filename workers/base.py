@@ -1,10 +1,10 @@
 """Draining a partition: the one path by which jobs are applied.
 
-A ``jobs.drain`` message only says "look at partition Q".  The consumer clears
-Q's wake flag, then repeatedly locks the oldest PENDING jobs of Q (in commit
-order) and hands them, as one batch, to the handler of Q's kind, which decides
-every job in order and writes the batch's changes set-wise (rule 6); the jobs'
-outcomes are written in the same transaction:
+A ``jobs.drain`` message only says "look at partition Q".  The consumer
+repeatedly locks the oldest PENDING jobs of Q (in commit order) and hands them,
+as one batch, to the handler of Q's kind, which decides every job in order and
+writes the batch's changes set-wise (rule 6); the jobs' outcomes are written in
+the same transaction, with one UPDATE:
 
 * a refusal (``DomainError``) is an outcome: the job is finished FAILED with its
   code.  Handlers decide before they write, so a refusal never leaves a partial
@@ -15,15 +15,21 @@ outcomes are written in the same transaction:
 * transient database errors (lost connection, deadlock, serialization failure)
   propagate, so the task retries with backoff and nothing counts as an attempt.
 
-A single job is a batch of one.  Effects outside PostgreSQL (notifications,
-cache, history wake-up) happen only after commit.
+A single job is a batch of one.  Effects outside PostgreSQL happen only after
+commit, each kind in one Redis round trip: the product cache refresh, then the
+``jobs:finished`` notification carrying every finished job's status document
+(web answers waiting clients from it, without reading the row again).
+
+Workers run a thread pool, so distinct partitions drain in parallel; nothing
+sleeps while holding a partition back.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
-import time
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,18 +47,20 @@ from shared.domain.products import get_products, product_document
 from shared.jobs import (
     FINISHED_CHANNEL,
     PARTITION_KIND_OF,
+    WAKE_FLAG_SECONDS,
     JobKind,
+    JobOutcome,
+    JobRecord,
     count_attempt,
+    finish_jobs,
+    get_job,
     lock_pending_batch,
     lock_pending_job,
-    mark_failed,
-    mark_succeeded,
     note_drain,
     partition_has_pending,
     wake_key,
     wake_partition,
 )
-from shared.models import Job
 from shared.partitions import HISTORY_QUEUE, PartitionKind
 
 log = logging.getLogger(__name__)
@@ -62,7 +70,7 @@ log = logging.getLogger(__name__)
 class Effects:
     """What a batch changed outside its own rows, acted on after commit."""
 
-    finished: list[str] = field(default_factory=list)
+    finished: list[JobOutcome] = field(default_factory=list)
     products: set[int] = field(default_factory=set)
     # The changed products as the batch commits them (id -> (document, version)),
     # read once before commit: marked pending then, stored in the cache after.
@@ -71,10 +79,17 @@ class Effects:
     # Keyed, so that an action wanted by many jobs of a batch runs once.
     later: dict[str, Callable[[Runtime], None]] = field(default_factory=dict)
 
+    def absorb(self, other: Effects) -> None:
+        self.finished.extend(other.finished)
+        self.products |= other.products
+        self.committed_products.update(other.committed_products)
+        self.history |= other.history
+        self.later.update(other.later)
+
 
 Outcome = dict[str, Any] | DomainError
 # Decides and writes a batch of one partition's jobs; one outcome per job, in order.
-Handler = Callable[["Runtime", Session, list[Job], Effects], list[Outcome]]
+Handler = Callable[["Runtime", Session, list[JobRecord], Effects], list[Outcome]]
 
 HANDLERS: dict[PartitionKind, Handler] = {}
 
@@ -101,11 +116,15 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class Runtime:
-    """Per-process resources of a worker, built on first use (after any fork)."""
+    """Per-process resources of a worker, built on first use (after any fork).
+
+    Shared by the pool's threads: each resource is built once, under a lock.
+    """
 
     def __init__(self, settings: Settings, send: Callable[[str], None]) -> None:
         self.settings = settings
         self._send = send
+        self._lock = threading.Lock()
         self._session_factory: sessionmaker[Session] | None = None
         self._coordination: redis.Redis | None = None
         self._broker: redis.Redis | None = None
@@ -113,35 +132,54 @@ class Runtime:
 
     @property
     def session_factory(self) -> sessionmaker[Session]:
-        if self._session_factory is None:
-            self._session_factory = make_session_factory(make_engine(self.settings, pool_size=2))
-        return self._session_factory
+        with self._lock:
+            if self._session_factory is None:
+                # A connection per drain thread, plus the post-drain checks.
+                engine = make_engine(
+                    self.settings, pool_size=self.settings.worker_threads + 2, pre_ping=False
+                )
+                self._session_factory = make_session_factory(engine)
+            return self._session_factory
 
     def use_session_factory(self, factory: sessionmaker[Session]) -> None:
         self._session_factory = factory
 
     @property
     def coordination(self) -> redis.Redis:
-        if self._coordination is None:
-            self._coordination = make_redis(self.settings.coordination_url, timeout=2.0)
-        return self._coordination
+        with self._lock:
+            if self._coordination is None:
+                self._coordination = make_redis(self.settings.coordination_url, timeout=2.0)
+            return self._coordination
 
     @property
     def cache(self) -> ProductCache:
-        if self._cache is None:
-            self._cache = ProductCache(
-                make_redis(self.settings.cache_url, timeout=0.5), self.settings.cache_ttl_seconds
-            )
-        return self._cache
+        with self._lock:
+            if self._cache is None:
+                self._cache = ProductCache(
+                    make_redis(self.settings.cache_url, timeout=0.5),
+                    self.settings.cache_ttl_seconds,
+                )
+            return self._cache
 
     def wake(self, queue: str) -> None:
         """Wake ``queue`` unless a wake-up is in flight.  Never call inside a transaction."""
         wake_partition(self.coordination, queue, self._send)
 
+    def claim(self, queue: str) -> bool:
+        """Set ``queue``'s wake flag if it is clear: True if this caller now holds it."""
+        return bool(self.coordination.set(wake_key(queue), 1, nx=True, ex=WAKE_FLAG_SECONDS))
+
+    def release(self, queue: str) -> None:
+        try:
+            self.coordination.delete(wake_key(queue))
+        except redis.RedisError as exc:
+            log.warning("could not clear the wake flag of %s: %s", queue, exc)
+
     def backlog(self, queue: str) -> int:
         """Messages waiting in ``queue`` (a Redis list of the broker's database), 0 if unknown."""
-        if self._broker is None:
-            self._broker = make_redis(self.settings.broker_url, timeout=2.0)
+        with self._lock:
+            if self._broker is None:
+                self._broker = make_redis(self.settings.broker_url, timeout=2.0)
         try:
             return int(self._broker.llen(queue))  # type: ignore[arg-type]  # sync client
         except redis.RedisError:
@@ -152,17 +190,20 @@ class Runtime:
         self._send(queue)
 
 
-def _apply_batch(rt: Runtime, session: Session, jobs: list[Job], effects: Effects) -> None:
+def _apply_batch(rt: Runtime, session: Session, jobs: list[JobRecord], effects: Effects) -> None:
     if not jobs:
         return
     kind = PARTITION_KIND_OF[JobKind(jobs[0].kind)]
     outcomes = HANDLERS[kind](rt, session, jobs, effects)
-    for job, outcome in zip(jobs, outcomes, strict=True):
-        if isinstance(outcome, DomainError):
-            mark_failed(job, outcome.code, outcome.message)
-        else:
-            mark_succeeded(job, outcome)
-        effects.finished.append(str(job.id))
+    at = dt.datetime.now(dt.UTC)
+    finished = [
+        JobOutcome.failed(job, outcome.code, outcome.message, at)
+        if isinstance(outcome, DomainError)
+        else JobOutcome.succeeded(job, outcome, at)
+        for job, outcome in zip(jobs, outcomes, strict=True)
+    ]
+    finish_jobs(session, finished)
+    effects.finished.extend(finished)
     _mark_products_pending(rt, session, effects)
 
 
@@ -170,13 +211,16 @@ def _mark_products_pending(rt: Runtime, session: Session, effects: Effects) -> N
     """Before commit: cached products the batch changed miss until refreshed after commit,
     so that a read after a job shows SUCCEEDED never gets the old stock from the cache."""
     if effects.products:
-        for product in get_products(session, sorted(effects.products)):
+        unread = sorted(effects.products - set(effects.committed_products))
+        for product in get_products(session, unread):
             effects.committed_products[product.id] = (product_document(product), product.version)
-            rt.cache.mark_pending(product.id, product.version)
+        rt.cache.mark_products_pending(
+            {pid: version for pid, (_doc, version) in effects.committed_products.items()}
+        )
 
 
-# Full batches drained in one go before the partition goes to the back of the line.
-MAX_BATCHES_PER_DRAIN = 10
+# Batches one drain task applies before the partition goes to the back of the line.
+MAX_BATCHES_PER_DRAIN = 20
 
 
 def drain_partition(rt: Runtime, queue: str) -> int:
@@ -184,32 +228,31 @@ def drain_partition(rt: Runtime, queue: str) -> int:
 
     The wake flag stays set while the partition is drained, so web sends no
     further wake-ups for jobs this drain will find anyway.  When a batch comes
-    back short (or after ``MAX_BATCHES_PER_DRAIN``), the flag is cleared and the
-    partition looked at once more: jobs committed before the clear are found by
-    that look and the partition is woken again, behind the other partitions'
-    wake-ups (one solo worker serves many partitions: a busy one must not starve
-    the rest); a job committed after the clear sets the flag itself and sends a
-    wake-up (``web.publish``).  No job is left behind.
+    back short, the flag is cleared and the partition looked at once more: a job
+    committed before the clear is found by that look, and this drain takes the
+    flag back and goes on (no message needed); a job committed after the clear
+    sets the flag itself and sends a wake-up (``web.publish``).  No job is left
+    behind.  After ``MAX_BATCHES_PER_DRAIN`` the partition is woken by a message
+    instead, behind the other partitions' wake-ups, so a busy one cannot hold a
+    pool thread for ever.
     """
-    if rt.settings.drain_linger_ms:
-        # The flag is held: jobs arriving now join this drain's first batch instead of
-        # costing a message and a transaction each (latency traded for throughput).
-        time.sleep(rt.settings.drain_linger_ms / 1000)
     done = 0
-    for _ in range(MAX_BATCHES_PER_DRAIN):
+    for batch in range(1, MAX_BATCHES_PER_DRAIN + 1):
         applied = apply_next_batch(rt, queue)
         done += applied
-        if applied < rt.settings.batch_size:
+        if applied >= rt.settings.batch_size and batch < MAX_BATCHES_PER_DRAIN:
+            continue
+        rt.release(queue)
+        if not has_pending(rt, queue):
+            return done
+        if batch == MAX_BATCHES_PER_DRAIN:
             break
+        if not rt.claim(queue):
+            return done  # a job committed since sent a wake-up of its own
     try:
-        rt.coordination.delete(wake_key(queue))
-    except redis.RedisError as exc:
-        log.warning("could not clear the wake flag of %s: %s", queue, exc)
-    if has_pending(rt, queue):
-        try:
-            rt.wake(queue)
-        except Exception as exc:  # the sweeper wakes it if this is lost
-            log.warning("could not re-wake %s: %s", queue, exc)
+        rt.wake(queue)
+    except Exception as exc:  # the sweeper wakes it if this is lost
+        log.warning("could not re-wake %s: %s", queue, exc)
     return done
 
 
@@ -255,30 +298,34 @@ def _apply_alone(rt: Runtime, queue: str, job_id: uuid.UUID, effects: Effects) -
         # transaction would roll the count back and the job would retry forever.
         with rt.session_factory() as session, session.begin():
             attempts = count_attempt(session, job_id)
+            given_up: JobOutcome | None = None
             if attempts >= rt.settings.job_max_attempts:
-                job = session.get_one(Job, job_id)
-                mark_failed(job, ErrorCode.INTERNAL, "the job could not be applied")
-        if attempts < rt.settings.job_max_attempts:
+                record = get_job(session, job_id)
+                assert record is not None  # its attempt was just counted
+                given_up = JobOutcome.failed(
+                    record,
+                    ErrorCode.INTERNAL,
+                    "the job could not be applied",
+                    dt.datetime.now(dt.UTC),
+                )
+                finish_jobs(session, [given_up])
+        if given_up is None:
             log.exception("job %s failed (attempt %d); will retry", job_id, attempts)
             after_commit(rt, effects)
             raise RetryLater(str(job_id)) from exc
         log.exception("job %s failed %d times; finished it INTERNAL", job_id, attempts)
-        effects.finished.append(str(job_id))
+        effects.finished.append(given_up)
         return
-    effects.finished.extend(alone.finished)
-    effects.products |= alone.products
-    effects.committed_products.update(alone.committed_products)
-    effects.history |= alone.history
-    effects.later.update(alone.later)
+    effects.absorb(alone)
 
 
 def after_commit(rt: Runtime, effects: Effects) -> None:
-    """Tell waiters, refresh the product cache, wake the history listener.  Never raises."""
+    """Refresh the product cache, run deferred actions, wake the history listener, then
+    tell waiters (last: whoever is told a job finished finds the cache refreshed).
+    Never raises."""
     if effects.committed_products:
         try:
-            for document, version in effects.committed_products.values():
-                rt.cache.refresh_product(document, version)
-            rt.cache.invalidate_listings()
+            rt.cache.refresh_products(effects.committed_products)
         except Exception:
             log.exception("product cache refresh failed")
     for action in effects.later.values():
@@ -292,7 +339,8 @@ def after_commit(rt: Runtime, effects: Effects) -> None:
         except Exception as exc:
             log.warning("history wake-up not sent (relay will): %s", exc)
     if effects.finished:
+        documents = {str(o.job.id): o.document() for o in effects.finished}
         try:
-            rt.coordination.publish(FINISHED_CHANNEL, json.dumps(effects.finished))
+            rt.coordination.publish(FINISHED_CHANNEL, json.dumps(documents))
         except redis.RedisError as exc:
-            log.warning("finish notification not sent (pollers re-check): %s", exc)
+            log.warning("finish notification not sent (waiters re-check): %s", exc)

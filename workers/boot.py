@@ -1,8 +1,12 @@
-"""Starting a partition consumer: which queues it owns, in one place.
+"""Starting a partition worker: ``python -m workers.boot``.
 
-``python -m workers.boot`` runs a solo-pool worker (one task at a time, so a
-partition's jobs apply in order: celery#4537) on the partition queues that
-worker ``WORKER_INDEX`` of ``WORKER_COUNT`` owns.
+Every partition worker consumes every partition queue, with a pool of
+``WORKER_THREADS`` threads, so distinct partitions drain in parallel and a worker
+that dies leaves its partitions to the others.  That is safe with any number of
+workers: a message only wakes a partition, and its drainer holds the partition's
+transaction-scoped advisory lock while it applies the jobs in ``seq`` order
+(ARCHITECTURE, "Scaling"), so per-resource order comes from the database, not
+from which process took which message (celery#4537).
 """
 
 from __future__ import annotations
@@ -13,25 +17,21 @@ from shared.config import Settings
 from shared.partitions import all_partition_queues
 
 
-def owned_queues(settings: Settings, index: int, count: int) -> list[str]:
-    """Every ``count``-th partition queue starting at ``index``: disjoint, and together all."""
-    return all_partition_queues(settings.partitions)[index::count]
+def worker_arguments(settings: Settings) -> list[str]:
+    return [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={settings.worker_threads}",
+        f"--queues={','.join(all_partition_queues(settings.partitions))}",
+        f"--hostname=partitions{settings.worker_id}@%h",
+    ]
 
 
 def main(argv: list[str]) -> None:
     settings = Settings.from_env()
-    queues = owned_queues(settings, settings.worker_index, settings.worker_count)
     from workers.app import app
 
-    app.worker_main(
-        [
-            "worker",
-            "--pool=solo",
-            f"--queues={','.join(queues)}",
-            f"--hostname=partitions{settings.worker_id}@%h",
-            *argv,
-        ]
-    )
+    app.worker_main([*worker_arguments(settings), *argv])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from shared.domain.coupons import IssuedCoupon, IssueRequest, coupon_holders, issue_coupons
 from shared.domain.errors import CouponAlreadyIssued, CouponSoldOut, DomainError
-from shared.models import Job
+from shared.jobs import JobRecord
 from shared.partitions import PartitionKind
 from workers.base import Effects, Outcome, Runtime, handles
 
@@ -69,7 +69,7 @@ def remember_sold_out(rt: Runtime, *, coupon_id: int) -> None:
 
 @handles(PartitionKind.COUPON)
 def apply_coupon_jobs(
-    rt: Runtime, session: Session, jobs: list[Job], effects: Effects
+    rt: Runtime, session: Session, jobs: list[JobRecord], effects: Effects
 ) -> list[Outcome]:
     requests = [IssueRequest(j.payload["couponId"], j.payload["userId"]) for j in jobs]
     settled = settle_from_markers(rt, requests)

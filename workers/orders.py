@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from shared.domain.inventory import LineRequest, OrderRequest, PlacedOrder
-from shared.models import Job
+from shared.jobs import JobRecord
 
 
-def order_request(job: Job) -> OrderRequest:
+def order_request(job: JobRecord) -> OrderRequest:
     lines = [LineRequest(line["productId"], line["quantity"]) for line in job.payload["orderLines"]]
     return OrderRequest(job.payload["userId"], lines, job.id)
 

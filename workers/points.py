@@ -6,8 +6,7 @@ from sqlalchemy.orm import Session
 
 from shared.domain.errors import DomainError
 from shared.domain.points import PointChange, PointRequest, apply_point_requests
-from shared.jobs import JobKind
-from shared.models import Job
+from shared.jobs import JobKind, JobRecord
 from shared.partitions import PartitionKind
 from workers.base import Effects, Outcome, Runtime, handles
 
@@ -16,7 +15,7 @@ _CHANGE = {JobKind.POINTS_CHARGE: PointChange.CHARGE, JobKind.POINTS_USE: PointC
 
 @handles(PartitionKind.USER)
 def apply_point_jobs(
-    _rt: Runtime, session: Session, jobs: list[Job], _effects: Effects
+    _rt: Runtime, session: Session, jobs: list[JobRecord], _effects: Effects
 ) -> list[Outcome]:
     requests = [
         PointRequest(j.payload["userId"], _CHANGE[JobKind(j.kind)], j.payload["amount"], j.id)

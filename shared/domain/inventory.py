@@ -11,18 +11,29 @@ one transaction).
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, column, func, insert, update, values
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    Subquery,
+    Table,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
+from sqlalchemy.types import TypeEngine
 
 from shared.domain.errors import DomainError, InsufficientStock, ProductNotFound, unwrap
 from shared.domain.orders import OrderStatus
-from shared.domain.products import lock_products
-from shared.formats import rfc3339
+from shared.domain.products import PRODUCT_COLUMNS, ProductRow, lock_products
 from shared.models import Order, OrderLine, Outbox, Product
 
 
@@ -63,10 +74,12 @@ class InventoryOutcomes:
     outcomes: list[InventoryOutcome]
     changed_products: set[int]
     orders_placed: bool
+    # Each changed product as the batch left it (for the read cache).
+    written: dict[int, ProductRow]
 
 
 def _decide_order(
-    r: OrderRequest, products: dict[int, Product], stock: dict[int, int]
+    r: OrderRequest, products: dict[int, ProductRow], stock: dict[int, int]
 ) -> DomainError | None:
     """PRODUCT_NOT_FOUND beats INSUFFICIENT_STOCK (API.md), whatever the line order."""
     lines = sorted(r.lines, key=lambda line: line.product_id)
@@ -88,8 +101,9 @@ def apply_inventory(session: Session, requests: list[InventoryRequest]) -> Inven
     with a compare-and-set UPDATE (``WHERE stock = <stock read under lock>``)
     that also bumps its version; ``ck_products_stock_non_negative`` refuses a
     negative stock on its own.  Orders are written READY with their lines (unit
-    price = the price when ordered) and one outbox row each.
-    Refusals: ``ProductNotFound``, ``InsufficientStock``.
+    price = the price when ordered) and one outbox row each.  Every statement
+    takes the batch's rows as array parameters, so it compiles once whatever the
+    batch size.  Refusals: ``ProductNotFound``, ``InsufficientStock``.
     """
     ids = sorted(
         {r.product_id for r in requests if isinstance(r, StockSet)}
@@ -127,29 +141,54 @@ def apply_inventory(session: Session, requests: list[InventoryRequest]) -> Inven
         if isinstance(d, DomainError):
             outcomes.append(d)
         elif isinstance(d, StockSet):
-            outcomes.append(
-                _document(products[d.product_id], stock_after[index], written[d.product_id])
-            )
+            # The document as of this request (a later request of the batch may change it).
+            outcomes.append(written[d.product_id].document(stock=stock_after[index]))
         else:
             outcomes.append(placed.pop(0))
-    return InventoryOutcomes(outcomes, touched, any(isinstance(d, OrderRequest) for d in decided))
+    return InventoryOutcomes(
+        outcomes, touched, any(isinstance(d, OrderRequest) for d in decided), written
+    )
 
 
-def _write_stock(session: Session, changes: dict[int, tuple[int, int]]) -> dict[int, dt.datetime]:
-    """One UPDATE for every changed product; returns each product's new ``updated_at``."""
+_products = cast(Table, Product.__table__)
+_orders = cast(Table, Order.__table__)
+_order_lines = cast(Table, OrderLine.__table__)
+_outbox = cast(Table, Outbox.__table__)
+
+
+def _unnest(**arrays: TypeEngine[Any]) -> Subquery:
+    """``SELECT unnest(:batch_a) AS a, unnest(:batch_b) AS b, ...``: a batch's rows as
+    array parameters (they zip in order), so a statement compiles once for any batch."""
+    return select(
+        *(
+            func.unnest(bindparam(f"batch_{name}", type_=ARRAY(type_))).label(name)
+            for name, type_ in arrays.items()
+        )
+    ).subquery(name="batch")
+
+
+_CHANGES = _unnest(id=BigInteger(), old=BigInteger(), new=BigInteger())
+_WRITE_STOCK = (
+    update(_products)
+    .where(_products.c.id == _CHANGES.c.id, _products.c.stock == _CHANGES.c.old)
+    .values(stock=_CHANGES.c.new, version=_products.c.version + 1, updated_at=func.now())
+    .returning(*PRODUCT_COLUMNS)
+)
+
+
+def _write_stock(session: Session, changes: dict[int, tuple[int, int]]) -> dict[int, ProductRow]:
+    """One UPDATE for every changed product; returns each product as written."""
     if not changes:
         return {}
-    new = values(
-        column("id", BigInteger), column("old", BigInteger), column("new", BigInteger), name="v"
-    ).data([(pid, old, stock) for pid, (old, stock) in changes.items()])
     rows = session.execute(
-        update(Product)
-        .where(Product.id == new.c.id, Product.stock == new.c.old)
-        .values(stock=new.c.new, version=Product.version + 1, updated_at=func.now())
-        .returning(Product.id, Product.updated_at)
-        .execution_options(synchronize_session=False)
-    ).tuples()
-    written = dict(rows.all())
+        _WRITE_STOCK,
+        {
+            "batch_id": list(changes),
+            "batch_old": [old for old, _ in changes.values()],
+            "batch_new": [new for _, new in changes.values()],
+        },
+    )
+    written = {row.id: ProductRow(*row) for row in rows}
     if len(written) != len(changes):
         # The rows were locked: a mismatch means something bypassed the lock. Roll back.
         raise RuntimeError(
@@ -158,57 +197,63 @@ def _write_stock(session: Session, changes: dict[int, tuple[int, int]]) -> dict[
     return written
 
 
+# insertmanyvalues: one statement per batch, ids returned in the order of the rows.
+_INSERT_ORDERS = insert(_orders).returning(_orders.c.id, sort_by_parameter_order=True)
+_NEW_LINES = _unnest(
+    order_id=BigInteger(), product_id=BigInteger(), quantity=Integer(), unit_price=BigInteger()
+)
+_INSERT_LINES = insert(_order_lines).from_select(
+    ["order_id", "product_id", "quantity", "unit_price"], select(*_NEW_LINES.c)
+)
+_NEW_OUTBOX = _unnest(order_id=BigInteger())
+_INSERT_OUTBOX = insert(_outbox).from_select(
+    ["order_id", "status"],
+    select(_NEW_OUTBOX.c.order_id, literal(OrderStatus.READY.value)),
+)
+
+
 def _insert_orders(
-    session: Session, orders: list[OrderRequest], products: dict[int, Product]
+    session: Session, orders: list[OrderRequest], products: dict[int, ProductRow]
 ) -> list[PlacedOrder]:
+    """The batch's orders, their lines and their outbox rows: three statements in all."""
     if not orders:
         return []
-    rows = [
-        {
-            "user_id": o.user_id,
-            "status": OrderStatus.READY.value,
-            "total_price": sum(products[line.product_id].price * line.quantity for line in o.lines),
-            "job_id": o.job_id,
-        }
-        for o in orders
+    totals = [
+        sum(products[line.product_id].price * line.quantity for line in o.lines) for o in orders
     ]
     order_ids = list(
         session.execute(
-            insert(Order).returning(Order.id, sort_by_parameter_order=True), rows
+            _INSERT_ORDERS,
+            [
+                {
+                    "user_id": o.user_id,
+                    "status": OrderStatus.READY.value,
+                    "total_price": total,
+                    "job_id": o.job_id,
+                }
+                for o, total in zip(orders, totals, strict=True)
+            ],
         ).scalars()
     )
-    session.execute(
-        insert(OrderLine),
-        [
-            {
-                "order_id": order_id,
-                "product_id": line.product_id,
-                "quantity": line.quantity,
-                "unit_price": products[line.product_id].price,
-            }
-            for order_id, o in zip(order_ids, orders, strict=True)
-            for line in o.lines
-        ],
-    )
-    session.execute(
-        insert(Outbox),
-        [{"order_id": order_id, "status": OrderStatus.READY.value} for order_id in order_ids],
-    )
-    return [
-        PlacedOrder(order_id, OrderStatus.READY.value, row["user_id"], row["total_price"])  # type: ignore[arg-type]
-        for order_id, row in zip(order_ids, rows, strict=True)
+    lines = [
+        (order_id, line.product_id, line.quantity, products[line.product_id].price)
+        for order_id, o in zip(order_ids, orders, strict=True)
+        for line in o.lines
     ]
-
-
-def _document(product: Product, stock: int, updated_at: dt.datetime) -> dict[str, Any]:
-    return {
-        "id": product.id,
-        "name": product.name,
-        "price": product.price,
-        "stock": stock,
-        "createdAt": rfc3339(product.created_at),
-        "updatedAt": rfc3339(updated_at),
-    }
+    session.execute(
+        _INSERT_LINES,
+        {
+            "batch_order_id": [line[0] for line in lines],
+            "batch_product_id": [line[1] for line in lines],
+            "batch_quantity": [line[2] for line in lines],
+            "batch_unit_price": [line[3] for line in lines],
+        },
+    )
+    session.execute(_INSERT_OUTBOX, {"batch_order_id": order_ids})
+    return [
+        PlacedOrder(order_id, OrderStatus.READY.value, o.user_id, total)
+        for order_id, o, total in zip(order_ids, orders, totals, strict=True)
+    ]
 
 
 def create_order(

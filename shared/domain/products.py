@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import BigInteger, ColumnElement, Table, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from shared.domain.errors import NotFound
@@ -104,15 +106,51 @@ def list_products(session: Session, query: ProductQuery) -> tuple[list[Product],
     return list(rows), int(total)
 
 
-def lock_products(session: Session, product_ids: list[int]) -> dict[int, Product]:
+_products = cast(Table, Product.__table__)
+# The columns of a product as a batch reads and writes it (ProductRow's fields, in order).
+PRODUCT_COLUMNS = tuple(
+    _products.c[name]
+    for name in ("id", "name", "price", "stock", "version", "created_at", "updated_at")
+)
+
+
+class ProductRow(NamedTuple):
+    """A product row read or written by a batch (a plain value: no ORM object behind it)."""
+
+    id: int
+    name: str
+    price: int
+    stock: int
+    version: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    def document(self, *, stock: int | None = None) -> dict[str, Any]:
+        """The product as API.md shows it (``stock``: as of an earlier request of the batch)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "price": self.price,
+            "stock": self.stock if stock is None else stock,
+            "createdAt": rfc3339(self.created_at),
+            "updatedAt": rfc3339(self.updated_at),
+        }
+
+
+_LOCK_PRODUCTS = (
+    select(*PRODUCT_COLUMNS)
+    .where(_products.c.id == func.any(bindparam("ids", type_=ARRAY(BigInteger()))))
+    .order_by(_products.c.id)
+    .with_for_update()
+)
+
+
+def lock_products(session: Session, product_ids: list[int]) -> dict[int, ProductRow]:
     """Lock the products ``FOR UPDATE`` in ascending id order (deadlock-free, rule 2)."""
-    rows = session.execute(
-        select(Product)
-        .where(Product.id.in_(sorted(product_ids)))
-        .order_by(Product.id)
-        .with_for_update()
-    ).scalars()
-    return {p.id: p for p in rows}
+    if not product_ids:
+        return {}
+    rows = session.execute(_LOCK_PRODUCTS, {"ids": sorted(product_ids)})
+    return {row.id: ProductRow(*row) for row in rows}
 
 
 def return_stock(session: Session, product_id: int, quantity: int) -> None:

@@ -20,12 +20,22 @@ import workers.products  # noqa: F401  (registers the handlers drain_partition a
 from shared.config import Settings
 from shared.jobs import JobKind, partition_for_job
 from shared.models import Job, Product
+from shared.partitions import PartitionKind, partition
 from tests.api.conftest import RFC3339_MS_Z, UUID, assert_error, row_counts
 from tests.conftest import ADMIN, RecordingPublisher
 from tests.factories import CouponFactory, PointBalanceFactory, ProductFactory
 from workers.base import Runtime, drain_partition
 
-JOB_VIEW_KEYS = {"jobId", "kind", "status", "result", "error", "createdAt", "finishedAt"}
+JOB_VIEW_KEYS = {
+    "jobId",
+    "kind",
+    "status",
+    "result",
+    "error",
+    "createdAt",
+    "finishedAt",
+    "position",
+}
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,19 @@ def test_pending_job_view(client: FlaskClient) -> None:
     assert body["error"] is None
     assert RFC3339_MS_Z.match(body["createdAt"])
     assert body["finishedAt"] is None
+    assert body["position"]["partition"] == partition(PartitionKind.USER, 3, 16)
+    assert isinstance(body["position"]["ahead"], int)
+
+
+def test_position_counts_the_jobs_ahead_on_the_partition(client: FlaskClient) -> None:
+    user = 3_000_017
+    ids = [
+        assert_accepted(client.post("/v1/points/charge", json={"userId": user, "amount": 1}))
+        for _ in range(3)
+    ]
+    aheads = [client.get(f"/v1/jobs/{j}").get_json()["position"]["ahead"] for j in ids]
+    assert aheads[1] == aheads[0] + 1
+    assert aheads[2] == aheads[0] + 2
 
 
 def test_succeeded_and_failed_job_views(
@@ -192,6 +215,7 @@ def test_succeeded_and_failed_job_views(
     assert done["error"] is None
     assert RFC3339_MS_Z.match(done["finishedAt"])
     assert done["finishedAt"] >= done["createdAt"]
+    assert done["position"] is None
 
     failed = client.get(f"/v1/jobs/{bad}").get_json()
     assert failed["status"] == "FAILED"
@@ -482,3 +506,60 @@ def test_committed_job_answers_202_even_if_the_wake_up_fails_then_503_once_known
     product = ProductFactory()
     assert client.get(f"/v1/products/{product.id}").status_code == 200
     assert db_session.get(Product, product.id) is not None
+
+
+# ---- Prefer: wait ------------------------------------------------------------------
+
+
+def test_prefer_wait_answers_202_when_the_job_does_not_finish_in_time(
+    client: FlaskClient,
+) -> None:
+    # No worker applies jobs here: the wait runs out and the answer is the usual 202.
+    answer = client.post(
+        "/v1/points/charge", json={"userId": 31, "amount": 5}, headers={"Prefer": "wait=1"}
+    )
+    assert_accepted(answer)
+    assert "Preference-Applied" not in answer.headers
+
+
+@pytest.mark.parametrize(
+    "preference",
+    ["wait=0", "wait=-1", "wait=", "wait", "wait=1.5", "wait=abc", "wait=٣", "respond-async", ""],
+)
+def test_a_preference_not_understood_is_ignored(client: FlaskClient, preference: str) -> None:
+    answer = client.post(
+        "/v1/points/charge", json={"userId": 32, "amount": 5}, headers={"Prefer": preference}
+    )
+    assert_accepted(answer)
+
+
+@pytest.mark.parametrize(
+    ("preference", "applied"),
+    [
+        ("wait=5", "wait=5"),
+        ("respond-async, wait=7", "wait=7"),
+        ('WAIT="4"; foo=bar', "wait=4"),
+        ("wait=99", "wait=30"),  # capped at 30 (and at MAX_WAIT_SECONDS, 30 here)
+    ],
+)
+def test_prefer_wait_answers_a_finished_job_with_its_status_document(
+    client: FlaskClient,
+    db_session: Session,
+    drain: Callable[[str], int],
+    preference: str,
+    applied: str,
+) -> None:
+    key = {"Idempotency-Key": f"prefer-{uuid.uuid4()}"}
+    body = {"userId": 4_000_033, "amount": 70}
+    job_id = assert_accepted(client.post("/v1/points/charge", json=body, headers=key))
+    drain(_job(db_session, job_id).partition)
+
+    # A replay with Prefer: wait of a finished job answers its outcome at once.
+    answer = client.post("/v1/points/charge", json=body, headers={**key, "Prefer": preference})
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert answer.headers["Location"] == f"/v1/jobs/{job_id}"
+    assert answer.headers["Preference-Applied"] == applied
+    document = answer.get_json()
+    assert document == client.get(f"/v1/jobs/{job_id}").get_json()
+    assert document["status"] == "SUCCEEDED"
+    assert document["result"] == {"userId": 4_000_033, "amount": 70}

@@ -1,9 +1,10 @@
 """A TCP proxy in front of the private PostgreSQL that can lose a COMMIT or its answer.
 
-Armed, it lets the COMMIT of a transaction that ran a given statement (web's
-``INSERT INTO jobs``, or a worker's ``UPDATE jobs SET``) reach the server, then
-ends the client's connection instead of relaying the reply: the transaction is
-committed, the client only sees a broken connection.  This is what a database
+Armed, it lets the COMMIT of a transaction that ran a given statement (a worker's
+``UPDATE jobs SET``; or web's ``INSERT INTO jobs``, which runs in autocommit and so
+is its own COMMIT) reach the server, then ends the client's connection instead of
+relaying the reply: the transaction is committed, the client only sees a broken
+connection.  This is what a database
 crash or a network cut between "commit durable" and "reply sent" looks like,
 made deterministic.  Or it drops the COMMIT itself (the server rolls back).
 Every other byte passes unchanged.
@@ -93,7 +94,7 @@ class CommitCutter:
             client.settimeout(None)
             with self._lock:
                 self._sockets += [client, server]
-            state = {"matched": False, "cut": False}
+            state = {"matched": False, "cut": False, "in_transaction": False}
             threading.Thread(
                 target=self._upstream, args=(client, server, state), daemon=True
             ).start()
@@ -108,16 +109,27 @@ class CommitCutter:
         try:
             while data := client.recv(65536):
                 for kind, body in reader.feed(data):
-                    if kind == b"Q" and body == b"COMMIT\x00":
+                    if kind == b"Q" and body.startswith(b"BEGIN"):
+                        state["in_transaction"] = True
+                    elif kind == b"Q" and body.startswith(b"ROLLBACK"):
+                        state["in_transaction"] = state["matched"] = False
+                    elif kind == b"Q" and body == b"COMMIT\x00":
                         # The client waits for each answer before sending more, so the
                         # next bytes from the server are this COMMIT's answer.
                         where = self._take() if state["matched"] else None
                         if where == "before":
                             return  # the COMMIT never arrives: the server rolls back
                         state["cut"] = where == "after"
-                        state["matched"] = False
+                        state["matched"] = state["in_transaction"] = False
                     elif self._statement in reader.statement(kind, body):
-                        state["matched"] = True
+                        if state["in_transaction"]:
+                            state["matched"] = True
+                            continue
+                        # Autocommit (web's job INSERT): the statement is its own COMMIT.
+                        where = self._take()
+                        if where == "before":
+                            return  # never sent: nothing is committed
+                        state["cut"] = where == "after"
                 server.sendall(data)
         except OSError:
             pass

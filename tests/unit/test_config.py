@@ -19,8 +19,8 @@ def test_from_env_converts_each_field() -> None:
             "BATCH_SIZE": "50",
             "JOB_MAX_ATTEMPTS": "5",
             "SWEEP_AFTER_SECONDS": "2.5",
-            "WORKER_INDEX": "1",
-            "WORKER_COUNT": "3",
+            "WORKER_ID": "1",
+            "WORKER_THREADS": "3",
             "RATE_LIMIT": "100 per minute",
             "LOG_LEVEL": "DEBUG",
             "UNRELATED": "ignored",
@@ -31,7 +31,7 @@ def test_from_env_converts_each_field() -> None:
     assert (settings.partitions, settings.batch_size, settings.job_max_attempts) == (8, 50, 5)
     assert settings.sweep_after_seconds == 2.5
     assert isinstance(settings.sweep_after_seconds, float)
-    assert (settings.worker_index, settings.worker_count) == (1, 3)
+    assert (settings.worker_id, settings.worker_threads) == (1, 3)
     assert settings.rate_limit == "100 per minute"
     assert settings.rate_limit_enabled
     assert settings.log_level == "DEBUG"
@@ -86,7 +86,8 @@ def test_good_rate_limits_are_taken(limit: str) -> None:
     [
         ({"PARTITIONS": "0"}, "PARTITIONS"),
         ({"BATCH_SIZE": "0"}, "BATCH_SIZE"),
-        ({"WORKER_INDEX": "2", "WORKER_COUNT": "2"}, "WORKER_INDEX"),
+        ({"WORKER_THREADS": "0"}, "WORKER_THREADS"),
+        ({"WORKER_ID": "-1"}, "WORKER_ID"),
         ({"APP_ENV": "production"}, "ADMIN_TOKEN"),
     ],
 )

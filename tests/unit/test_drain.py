@@ -30,7 +30,17 @@ from shared.domain.errors import ErrorCode
 from shared.domain.orders import list_order_histories
 from shared.domain.points import get_balance
 from shared.domain.products import create_product, get_product, product_document
-from shared.jobs import FINISHED_CHANNEL, JobKind, JobStatus, lock_partition, record, wake_key
+from shared.jobs import (
+    FINISHED_CHANNEL,
+    JobKind,
+    JobRecord,
+    JobStatus,
+    document_of,
+    get_job,
+    lock_partition,
+    record,
+    wake_key,
+)
 from shared.models import Job, PointHistory, Product, UserCoupon
 from shared.partitions import HISTORY_QUEUE, PartitionKind
 from workers.base import (
@@ -259,7 +269,14 @@ def test_a_batch_applies_in_commit_order_and_announces_it(runtime: Runtime) -> N
         assert _stock(runtime, product_id) == 4
         message = pubsub.get_message(timeout=10)
         assert message is not None
-        assert json.loads(message["data"]) == [str(job_id) for job_id, _ in submitted]
+        documents = json.loads(message["data"])
+        # The status document of each job, in commit order, exactly as GET answers it.
+        assert list(documents) == [str(job_id) for job_id, _ in submitted]
+        with runtime.session_factory() as session:
+            for job_id, _ in submitted:
+                row = get_job(session, job_id)
+                assert row is not None
+                assert documents[str(job_id)] == document_of(row)
     finally:
         pubsub.close()
 
@@ -305,7 +322,7 @@ def poisoned_charge(monkeypatch: pytest.MonkeyPatch) -> None:
     original = HANDLERS[PartitionKind.USER]
 
     def poisoned(
-        rt: Runtime, session: Session, jobs: list[Job], effects: Effects
+        rt: Runtime, session: Session, jobs: list[JobRecord], effects: Effects
     ) -> list[BatchOutcome]:
         outcomes = original(rt, session, jobs, effects)
         if any(job.payload["amount"] == POISON for job in jobs):

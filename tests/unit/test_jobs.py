@@ -17,14 +17,18 @@ from shared.jobs import (
     PARTITION_KIND_OF,
     IdempotencyKeyReused,
     JobKind,
+    JobOutcome,
+    JobRecord,
     JobStatus,
     count_attempt,
+    document_of,
     fingerprint,
+    finish_jobs,
+    get_finished_jobs,
     get_job,
+    jobs_ahead,
     lock_pending_batch,
     lock_pending_job,
-    mark_failed,
-    mark_succeeded,
     partition_for_job,
     purge_idempotency_keys,
     record,
@@ -44,6 +48,14 @@ def _scope() -> str:
 
 def _age(session: Session, job_id: uuid.UUID, by: dt.timedelta) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(created_at=Job.created_at - by))
+
+
+def _succeed(session: Session, job: JobRecord, result: dict[str, Any]) -> None:
+    finish_jobs(session, [JobOutcome.succeeded(job, result, dt.datetime.now(dt.UTC))])
+
+
+def _fail(session: Session, job: JobRecord, code: ErrorCode, message: str) -> None:
+    finish_jobs(session, [JobOutcome.failed(job, code, message, dt.datetime.now(dt.UTC))])
 
 
 def test_record_without_a_key_adds_a_pending_row(db_session: Session) -> None:
@@ -209,8 +221,7 @@ def test_stale_partitions_are_those_with_an_old_pending_job(db_session: Session)
     ).job
     _age(db_session, old.id, dt.timedelta(minutes=1))
     _age(db_session, done.id, dt.timedelta(minutes=1))
-    mark_succeeded(done, {"userId": 3, "amount": 100})
-    db_session.flush()
+    _succeed(db_session, done, {"userId": 3, "amount": 100})
     stale = stale_partitions(db_session, dt.timedelta(seconds=5))
     assert old.partition in stale
     assert fresh.partition not in stale
@@ -233,25 +244,24 @@ def test_pending_batch_is_the_partitions_pending_jobs_in_commit_order(
         partitions=COUNT,
     ).job
     assert elsewhere.partition != jobs[0].partition
-    mark_failed(jobs[1], ErrorCode.INSUFFICIENT_POINTS, "no")
-    db_session.flush()
+    _fail(db_session, jobs[1], ErrorCode.INSUFFICIENT_POINTS, "no")
     queue = jobs[0].partition
     mine = {j.id for j in jobs}
     batch = [j.id for j in lock_pending_batch(db_session, queue, 100) if j.id in mine]
     assert batch == [jobs[0].id, jobs[2].id, jobs[3].id]
     assert lock_pending_job(db_session, queue, jobs[1].id) is None
-    assert lock_pending_job(db_session, queue, jobs[2].id) is jobs[2]
+    locked = lock_pending_job(db_session, queue, jobs[2].id)
+    assert locked is not None
+    assert locked.id == jobs[2].id
 
 
 def test_outcomes_and_attempts(db_session: Session) -> None:
     ok = record(db_session, kind=JobKind.POINTS_CHARGE, payload=CHARGE, partitions=COUNT).job
     bad = record(db_session, kind=JobKind.POINTS_USE, payload=CHARGE, partitions=COUNT).job
-    mark_succeeded(ok, {"userId": 5, "amount": 100})
-    mark_failed(bad, ErrorCode.INSUFFICIENT_POINTS, "user 5 has fewer than 100 points")
-    db_session.flush()
+    _succeed(db_session, ok, {"userId": 5, "amount": 100})
+    _fail(db_session, bad, ErrorCode.INSUFFICIENT_POINTS, "user 5 has fewer than 100 points")
     assert count_attempt(db_session, bad.id) == 1
     assert count_attempt(db_session, bad.id) == 2
-    db_session.expire_all()
     ok_row, bad_row = get_job(db_session, ok.id), get_job(db_session, bad.id)
     assert ok_row is not None
     assert bad_row is not None
@@ -268,3 +278,49 @@ def test_outcomes_and_attempts(db_session: Session) -> None:
         2,
     )
     assert get_job(db_session, uuid.uuid4()) is None
+
+
+def test_a_job_is_finished_once(db_session: Session) -> None:
+    job = record(db_session, kind=JobKind.POINTS_CHARGE, payload=CHARGE, partitions=COUNT).job
+    _succeed(db_session, job, {"userId": 5, "amount": 100})
+    with pytest.raises(RuntimeError, match="finished under it"):
+        _fail(db_session, job, ErrorCode.INSUFFICIENT_POINTS, "late")
+    row = get_job(db_session, job.id)
+    assert row is not None
+    assert (row.status, row.error) == ("SUCCEEDED", None)
+
+
+def test_position_counts_the_pending_jobs_committed_before(db_session: Session) -> None:
+    payload = {"userId": 4242, "amount": 1}
+    jobs = [
+        record(db_session, kind=JobKind.POINTS_CHARGE, payload=payload, partitions=COUNT).job
+        for _ in range(5)
+    ]
+    before = jobs_ahead(db_session, jobs[0])  # other suites' leftovers on this partition
+    _fail(db_session, jobs[1], ErrorCode.INSUFFICIENT_POINTS, "no")
+    # jobs[1] finished: it no longer counts for those after it.
+    assert [jobs_ahead(db_session, j) - before for j in (jobs[0], *jobs[2:])] == [0, 1, 2, 3]
+    pending = document_of(jobs[4], jobs_ahead(db_session, jobs[4]))
+    assert pending["status"] == "PENDING"
+    assert pending["position"] == {"partition": jobs[4].partition, "ahead": before + 3}
+    assert pending["finishedAt"] is None
+
+
+def test_finished_documents_are_what_get_answers(db_session: Session) -> None:
+    ok = record(db_session, kind=JobKind.POINTS_CHARGE, payload=CHARGE, partitions=COUNT).job
+    waiting = record(db_session, kind=JobKind.POINTS_USE, payload=CHARGE, partitions=COUNT).job
+    at = dt.datetime(2026, 12, 1, 10, 0, 0, 123456, tzinfo=dt.UTC)
+    outcome = JobOutcome.succeeded(ok, {"userId": 5, "amount": 100}, at)
+    finish_jobs(db_session, [outcome])
+    (finished,) = get_finished_jobs(db_session, [ok.id, waiting.id, uuid.uuid4()])
+    assert document_of(finished) == outcome.document()
+    assert outcome.document() == {
+        "jobId": str(ok.id),
+        "kind": "POINTS_CHARGE",
+        "status": "SUCCEEDED",
+        "result": {"userId": 5, "amount": 100},
+        "error": None,
+        "createdAt": document_of(ok)["createdAt"],
+        "finishedAt": "2026-12-01T10:00:00.123Z",
+        "position": None,
+    }

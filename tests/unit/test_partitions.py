@@ -1,4 +1,4 @@
-"""Routing is a pure, stable function (ARCHITECTURE rule 1); worker ownership covers it."""
+"""Routing is a pure, stable function (ARCHITECTURE rule 1); every worker consumes every queue."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from shared.partitions import (
     partition,
     partition_index,
 )
-from workers.boot import owned_queues
+from workers.boot import worker_arguments
 
 # Known outputs of the hash: a change of hash function re-routes live resources, so it
 # must show up here.
@@ -59,10 +59,10 @@ def test_all_queues_are_every_kind_times_every_index() -> None:
 
 
 @pytest.mark.parametrize("partitions", [1, 3, 16])
-@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
-def test_owned_queues_are_a_disjoint_cover(partitions: int, count: int) -> None:
-    settings = Settings(database_url="postgresql://localhost/x", partitions=partitions)
-    owned = [owned_queues(settings, index, count) for index in range(count)]
-    flat = [queue for queues in owned for queue in queues]
-    assert len(flat) == len(set(flat))  # disjoint
-    assert set(flat) == set(all_partition_queues(partitions))  # together, all
+def test_every_worker_consumes_every_partition_queue(partitions: int) -> None:
+    settings = Settings(database_url="postgresql://localhost/x", partitions=partitions, worker_id=2)
+    args = worker_arguments(settings)
+    (queues,) = [a.removeprefix("--queues=").split(",") for a in args if a.startswith("--queues=")]
+    assert sorted(queues) == sorted(all_partition_queues(partitions))
+    assert HISTORY_QUEUE not in queues
+    assert "--hostname=partitions2@%h" in args
