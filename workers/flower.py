@@ -9,6 +9,10 @@
   together with them it found none ("Inspect method active_queues failed") and
   showed a lone ``celery`` queue.  Should they not come, it starts anyway and the
   Broker tab lists the declared queues (``task_queues`` of ``make_celery``).
+* It talks to the broker with kombu's own Redis transport: Flower picks its broker
+  view by the scheme of the connection's URI, and the workers' transport class
+  (``shared.broker``, a publishing optimisation) would name itself there instead
+  of ``redis`` ("'redis' broker is not supported").
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ def main(argv: list[str]) -> None:
     settings.check_flower()
     from workers.app import app
 
+    app.conf.broker_transport = None  # the URL's own scheme (redis://), see above
     if not wait_for_workers(app):
         print("flower: workers not answering yet; starting anyway", file=sys.stderr, flush=True)
     app.start(["flower", *argv])
