@@ -2,7 +2,8 @@
 
 From a clone of the committed tree (its ``.venv`` a link to this one, so nothing
 is installed again), ``make run`` starts the whole stack: embedded PostgreSQL and
-Redis, web, partition workers, history listener, beat and Flower.  Mid-stream, with
+Redis, web, two partition workers (``WORKERS=2``, named ``partitions0@`` and
+``partitions1@``), history listener, beat and Flower.  Mid-stream, with
 a backlog of accepted jobs (the partition workers frozen for a moment), every
 process of the stack is stopped and SIGKILLed at once, by pid, as a power cut
 would.  The pid in the stale ``postmaster.pid`` is then given to a live stranger
@@ -147,6 +148,7 @@ def test_power_loss_then_one_make_run_applies_every_accepted_job_once(
         RATE_LIMIT="off",
         SWEEP_AFTER_SECONDS="3",
         SWEEP_INTERVAL_SECONDS="1",
+        WORKERS="2",  # make run WORKERS=2: two partition workers, named apart
         PYTHONPATH=str(clone),  # the clone's code, not this checkout's (same venv)
         PYTHONUNBUFFERED="1",
     )
@@ -164,6 +166,8 @@ def test_power_loss_then_one_make_run_applies_every_accepted_job_once(
     runs.append(first)
     base_url = f"http://127.0.0.1:{port}"
     wait_until(lambda: ready(base_url), 180, f"make run serves\n{first.output[-3000:]}")
+    for n in (0, 1):
+        wait_until(lambda n=n: f"partitions{n}@" in first.output, 60, f"worker {n} named")
     rig = rig_of(clone, port)
     shop = open_shop(rig)
     ledger = Ledger()
@@ -175,7 +179,7 @@ def test_power_loss_then_one_make_run_applies_every_accepted_job_once(
         stream.wait_sent(120)
         # A backlog at the cut: the partition workers stop applying for a moment.
         workers = [p for p in first.pids() if "workers.boot" in " ".join(cmdline(p) or [])]
-        assert workers, first.output[-3000:]
+        assert len(workers) == 2, first.output[-3000:]
         for pid in workers:
             os.kill(pid, signal.SIGSTOP)
         stream.wait_sent(200)
