@@ -62,7 +62,7 @@ revision: $(STAMP) ## autogenerate a migration: make revision m="what changed"
 check: $(STAMP) ## a scratch database migrated to head must match the models (alembic check)
 	$(PY) -m tests.schema_check
 
-bench: $(STAMP) ## load harness: ceilings, this service and the original design (bench/README.md)
+bench: $(STAMP) ## load harness: closed-loop, open-loop and mixed loads beside the straight design (bench/README.md)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m bench.run $(BENCH_ARGS)
 

@@ -1,39 +1,59 @@
-"""Load harness: the service beside its ceilings and the original design, in one run.
+"""Load harness: the service beside its ceilings and the straight design, in one run.
 
 ``make bench`` (or ``python -m bench.run``) starts private PostgreSQL and Redis
-servers, then measures with wrk (64 connections, 2 threads):
+servers and measures, scenario by scenario (``--only`` picks some):
 
-* ceilings: gunicorn + Flask on an empty route; a solo Celery worker draining
-  no-op tasks through Redis;
-* the service (gunicorn + partition worker): orders spread over 200 products,
-  orders on one hot product, point charges on one hot user.  "accepted" is what
-  wrk saw answered 202; "applied" is read back over HTTP (stock taken, balance
-  charged) during the load, and "drain" is the rate after the load stops;
-* the original design (``bench/baseline_app.py``: the order taken in the request
-  with ``SELECT ... FOR UPDATE``), spread and hot, with 4 and 16 sync workers.
+* ``ceilings``: gunicorn + Flask on an empty route (wrk); a solo Celery worker
+  draining no-op tasks through Redis;
+* ``open``: wrk fire-and-forget POSTs (64 connections): orders over 200 products,
+  orders on one hot product, point charges on one hot user;
+* ``closed-spread`` / ``closed-hot``: closed-loop users (wrk, one connection per
+  thread, ``bench/wrk/closed.lua``): each POSTs an order, waits for its job, then
+  the next; 32 users over 200 products, 64 users on one hot product; client model
+  ``prefer`` (``Prefer: wait`` on the POST, long polls if answered 202) and
+  ``poll`` (POST, then long polls);
+* ``mixed``: open-loop mixed load at fixed offered rates (``bench/loadgen.py``),
+  every job awaited;
+* ``longpoll``: thousands of clients long-polling jobs that stay PENDING (the
+  partition worker stopped) while product reads and job POSTs are timed.
 
-Writes ``bench/results/<timestamp>.json``, ``.md`` (the table) and ``.png`` (the plot).
+``open`` and the ``closed-*`` scenarios also run the straight design
+(``bench/baseline_app.py``, sync workers) under the same client. After every
+load the harness waits for the jobs to drain and checks the invariants with SQL
+(``bench/checks.py``); a violation marks the row and the run exits non-zero.
+CPU per process tree is sampled around every load (``bench/procstat.py``).
+
+Writes ``bench/results/<UTC>.json``, ``.md`` (the tables) and ``.png`` (the plot).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import redis
 import requests
 
+from bench import checks
+from bench.procstat import CpuMeter, run_measured, wait_idle, wait_measured
+from bench.report import fmt, markdown, plot, verdict
+from shared.config import Settings
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, migrate
 from tests.stack import BIN, ROOT, Stack
 
@@ -41,45 +61,79 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 STOCK = 1_000_000_000
 ADMIN_TOKEN = "bench-admin-token"
+SCENARIOS = ("ceilings", "open", "closed-spread", "closed-hot", "mixed", "longpoll")
+MODELS = ("prefer", "poll")
+HOT_POINTS_USER = 900_000_001
+MIXED_USERS = (800_000_001, 800_010_000)
+LONGPOLL_USERS = (810_000_001, 819_999_999)
+TARGETS = {"closed-spread": 1.0, "closed-hot": 2.0}
+
+Row = dict[str, Any]
 
 
-@dataclass
-class Row:
-    scenario: str
-    system: str
-    accepted_per_s: float
-    p50_ms: float
-    p99_ms: float
-    applied_per_s: float | None = None
-    drain_per_s: float | None = None
-    non2xx: int = 0
-    note: str = ""
+# ---- processes ----------------------------------------------------------------
 
 
 def wrk(
-    url: str, script: str, seconds: int, env: dict[str, str], connections: int = 64
+    url: str,
+    script: str,
+    seconds: int,
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    threads: int = 2,
+    connections: int = 64,
+    timeout: int = 10,
 ) -> dict[str, Any]:
-    out = subprocess.run(
+    """One wrk run; its JSON line, plus ``per_s`` and the CPU wrk itself used."""
+    out, cpu, code = run_measured(
         [
             "wrk",
-            "-t2",
+            f"-t{threads}",
             f"-c{connections}",
             f"-d{seconds}s",
             "--timeout",
-            "10s",
+            f"{timeout}s",
             "-s",
             str(HERE / "wrk" / script),
             url,
         ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "WRK_DIR": str(HERE / "wrk"), **env},
-        check=True,
-    ).stdout
-    line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
+        {**os.environ, "WRK_DIR": str(HERE / "wrk"), **env},
+        stderr_path=log_dir / "wrk.log",
+    )
+    line = next((x for x in out.splitlines() if x.startswith("WRK_JSON ")), None)
+    if code != 0 or line is None:
+        raise RuntimeError(f"wrk {script} exited {code}: {out[-500:]} (see {log_dir}/wrk.log)")
     stats: dict[str, Any] = json.loads(line.removeprefix("WRK_JSON "))
-    stats["per_s"] = stats["requests"] / (stats["duration_us"] / 1e6)
+    stats["seconds"] = stats["duration_us"] / 1e6
+    stats["per_s"] = stats["requests"] / stats["seconds"]
+    stats["generator_cpu_s"] = cpu
     return stats
+
+
+def loadgen(
+    mode: str, cfg: dict[str, Any], log_dir: Path, on_event: Callable[[str], None] | None = None
+) -> tuple[dict[str, Any], float]:
+    """``python -m bench.loadgen`` in its own process: (its result, its CPU seconds)."""
+    with (log_dir / "loadgen.log").open("ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.loadgen", mode, json.dumps(cfg)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        result: dict[str, Any] | None = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("LOADGEN_EVENT ") and on_event is not None:
+                on_event(line.split(maxsplit=1)[1].strip())
+            elif line.startswith("LOADGEN_JSON "):
+                result = json.loads(line.removeprefix("LOADGEN_JSON "))
+        cpu, code = wait_measured(proc)
+    if code != 0 or result is None:
+        raise RuntimeError(f"loadgen {mode} exited {code}; see {log_dir}/loadgen.log")
+    return result, cpu
 
 
 def wait_http(url: str, timeout: float = 60) -> None:
@@ -106,6 +160,7 @@ def gunicorn(
         start_new_session=True,
     )
     wait_http(f"http://127.0.0.1:{port}/")
+    wait_idle([proc.pid])
     return proc
 
 
@@ -118,33 +173,184 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+# ---- the run's shared state ---------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    args: argparse.Namespace
+    work: Path
+    pg: EmbeddedPostgres
+    rd: EmbeddedRedis
+    stack: Stack | None = None
+    hot: int = 0
+    spread: list[int] = dataclasses.field(default_factory=list)
+    baseline_hot: int = 0
+    baseline_spread: list[int] = dataclasses.field(default_factory=list)
+    coupons: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        assert self.stack is not None
+        return self.stack.base_url
+
+    def service_groups(self) -> dict[str, list[int]]:
+        """The stack's processes grouped by kind ("worker-1" counts as "worker")."""
+        groups: dict[str, list[int]] = {"postgres": [self.pg_pid()], "redis": [self.rd_pid()]}
+        assert self.stack is not None
+        for name, proc in self.stack.procs.items():
+            if proc.poll() is None:
+                groups.setdefault(re.sub(r"[-_.]?\d+$", "", name), []).append(proc.pid)
+        return groups
+
+    def pg_pid(self) -> int:
+        assert self.pg.proc is not None
+        return self.pg.proc.pid
+
+    def rd_pid(self) -> int:
+        assert self.rd.proc is not None
+        return self.rd.proc.pid
+
+    def work_units(self) -> int:
+        """Finished jobs plus orders taken without a job (the straight design)."""
+        with checks.connect(self.pg.url) as conn:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM jobs WHERE status <> 'PENDING')"
+                " + (SELECT count(*) FROM orders WHERE job_id IS NULL)"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    @contextmanager
+    def measured(
+        self, row: Row, groups: Callable[[], dict[str, list[int]]]
+    ) -> Iterator[dict[str, float]]:
+        """Around one load: CPU per group, then the drain and the invariants, into ``row``.
+
+        The body puts the generator's CPU seconds into the yielded dict as ``"generator"``.
+        """
+        meter = CpuMeter(groups)
+        units, seq = self.work_units(), checks.last_seq(self.pg.url)
+        extra: dict[str, float] = {}
+        meter.start()
+        yield extra
+        drain_s, violations = checks.wait_drained(self.pg.url, self.args.drain_timeout)
+        cpu = meter.stop()
+        cpu.update(extra)
+        jobs = self.work_units() - units
+        violations += checks.check_invariants(
+            self.pg.url,
+            stock=STOCK,
+            service_ids=[self.hot, *self.spread] if self.hot else [],
+            other_ids=[self.baseline_hot, *self.baseline_spread] if self.baseline_hot else [],
+        )
+        row["drain_s"] = round(drain_s, 2)
+        row["jobs"] = jobs
+        row["outcomes"] = checks.outcomes_since(self.pg.url, seq)
+        row["cpu_s"] = {k: round(v, 3) for k, v in cpu.items()}
+        row["cpu_ms_per_job"] = (
+            {k: round(v * 1e3 / jobs, 3) for k, v in cpu.items()} if jobs else {}
+        )
+        row["violations"] = violations
+        if violations:
+            print(f"  INVARIANT VIOLATED in {row['scenario']} / {row['system']}:", file=sys.stderr)
+            for v in violations:
+                print(f"    {v}", file=sys.stderr)
+
+    @contextmanager
+    def baseline(self, workers: int) -> Iterator[tuple[str, Callable[[], dict[str, list[int]]]]]:
+        """The straight design on gunicorn sync workers: (its URL, its CPU groups)."""
+        port = free_port()
+        proc = gunicorn(
+            "bench.baseline_app:app",
+            port,
+            {"BASELINE_DATABASE_URL": self.pg.url},
+            ["--workers", str(workers)],
+            self.work / "baseline.log",
+        )
+        try:
+            yield (
+                f"http://127.0.0.1:{port}",
+                lambda: {"web": [proc.pid], "postgres": [self.pg_pid()], "redis": [self.rd_pid()]},
+            )
+        finally:
+            stop(proc)
+
+
+def create_products(base: str, prefix: str, count: int) -> list[int]:
+    """Products with a stock no run can exhaust, created through the API."""
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    return [
+        requests.post(
+            f"{base}/v1/products",
+            json={"name": f"{prefix} {i}", "price": 100, "stock": STOCK},
+            headers=headers,
+            timeout=10,
+        ).json()["id"]
+        for i in range(count)
+    ]
+
+
+def create_coupons(base: str, count: int, quantity: int) -> list[int]:
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    return [
+        requests.post(
+            f"{base}/v1/coupons",
+            json={"name": f"bench {i}", "discountAmount": 10, "totalQuantity": quantity},
+            headers=headers,
+            timeout=10,
+        ).json()["id"]
+        for i in range(count)
+    ]
+
+
 # ---- ceilings -----------------------------------------------------------------
 
 
-def ceiling_http(seconds: int, log_dir: Path) -> Row:
+def ceiling_http(run: Run) -> list[Row]:
     port = free_port()
     proc = gunicorn(
         "bench.ceiling_app:app",
         port,
         {},
         ["--worker-class", "gthread", "--workers", "2", "--threads", "32"],
-        log_dir / "ceiling.log",
+        run.work / "ceiling.log",
     )
+    row: Row = {
+        "section": "ceiling",
+        "scenario": "ceiling: empty route",
+        "system": "gunicorn+Flask",
+    }
     try:
-        stats = wrk(f"http://127.0.0.1:{port}", "get.lua", seconds, {"WRK_PATH": "/empty"})
+        meter = CpuMeter(lambda: {"web": [proc.pid]})
+        meter.start()
+        stats = wrk(
+            f"http://127.0.0.1:{port}",
+            "get.lua",
+            run.args.seconds,
+            {"WRK_PATH": "/empty"},
+            run.work,
+        )
+        cpu = meter.stop()
     finally:
         stop(proc)
-    return Row(
-        "ceiling: empty route",
-        "gunicorn+Flask",
-        stats["per_s"],
-        stats["p50_us"] / 1e3,
-        stats["p99_us"] / 1e3,
+    cpu["generator"] = stats["generator_cpu_s"]
+    row.update(
+        per_s=stats["per_s"],
+        p50_ms=stats["p50_us"] / 1e3,
+        p99_ms=stats["p99_us"] / 1e3,
         non2xx=stats["non2xx"],
+        errors=stats["socket_errors"],
+        jobs=stats["requests"],
+        cpu_s=cpu,
+        cpu_ms_per_job={k: v * 1e3 / stats["requests"] for k, v in cpu.items()},
+        violations=[],
     )
+    return [row]
 
 
-def ceiling_celery(redis_url: str, tasks: int, log_dir: Path) -> Row:
+def ceiling_celery(run: Run) -> list[Row]:
+    redis_url = run.rd.url.replace("/0", "/5")
+    tasks = run.args.noop_tasks
     env = {"NOOP_BROKER_URL": redis_url}
     os.environ.update(env)
     from bench.celery_noop import app as noop_app
@@ -167,254 +373,624 @@ def ceiling_celery(redis_url: str, tasks: int, log_dir: Path) -> Row:
         ],
         cwd=ROOT,
         env={**os.environ, **env},
-        stdout=(log_dir / "noop.log").open("ab"),
+        stdout=(run.work / "noop.log").open("ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    meter = CpuMeter(lambda: {"worker": [proc.pid], "redis": [run.rd_pid()]})
     try:
         while client.llen("bench-noop") == tasks:
             time.sleep(0.01)
+        meter.start()
         started = time.monotonic()
         start_len = client.llen("bench-noop")
         while client.llen("bench-noop") > 0:
             time.sleep(0.05)
         elapsed = time.monotonic() - started
+        cpu = meter.stop()
     finally:
         stop(proc)
-    return Row(
-        "ceiling: no-op task", "Celery solo+Redis", start_len / elapsed, 0, 0, note=f"{tasks} tasks"
-    )
+    return [
+        {
+            "section": "ceiling",
+            "scenario": "ceiling: no-op task",
+            "system": "Celery solo+Redis",
+            "per_s": start_len / elapsed,
+            "jobs": start_len,
+            "cpu_s": cpu,
+            "cpu_ms_per_job": {k: v * 1e3 / start_len for k, v in cpu.items()},
+            "note": f"{tasks} tasks",
+            "violations": [],
+        }
+    ]
 
 
-# ---- the service ----------------------------------------------------------------
+# ---- open loop, fire and forget (wrk) ------------------------------------------------
 
 
-def applied_orders(base: str, product_ids: list[int]) -> int:
-    taken = 0
-    for product_id in product_ids:
-        taken += (
-            STOCK - requests.get(f"{base}/v1/products/{product_id}", timeout=10).json()["stock"]
-        )
-    return taken
+def applied_orders(url: str, product_ids: list[int]) -> int:
+    """Stock taken so far (SQL, so the harness adds no requests to the web processes)."""
+    with checks.connect(url) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(%s - stock), 0) FROM products WHERE id = ANY(%s)",
+            (STOCK, product_ids),
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
-def charged_points(base: str, user: int) -> int:
-    return int(requests.get(f"{base}/v1/points/{user}", timeout=10).json()["amount"])
+def charged_points(url: str, user: int) -> int:
+    with checks.connect(url) as conn:
+        row = conn.execute("SELECT balance FROM points WHERE user_id = %s", (user,)).fetchone()
+    return int(row[0]) if row else 0
 
 
-def measure_applied(probe: Any, run_load: Any, seconds: int) -> tuple[dict[str, Any], float, float]:
-    """Run the load while sampling ``probe`` (applied so far); then time the drain."""
+def measure_applied(
+    url: str, probe: Callable[[], int], run_load: Callable[[], dict[str, Any]], timeout: float
+) -> tuple[dict[str, Any], float, float]:
+    """Run the load; (its stats, applied/s during it, applied/s of the drain after it)."""
     before = probe()
     t0 = time.monotonic()
     stats = run_load()
-    during = probe() - before
+    at_end = probe()
     elapsed = time.monotonic() - t0
-    # Drain: until two reads a second apart agree.
-    drained_from, t_drain = probe(), time.monotonic()
-    last = drained_from
-    while True:
-        time.sleep(1.0)
-        now = probe()
-        if now == last:
-            break
-        last = now
-    drain_elapsed = max(time.monotonic() - t_drain - 1.0, 1e-3)
-    drain_rate = (last - drained_from) / drain_elapsed if last > drained_from else float("nan")
-    return stats, during / elapsed, drain_rate
+    t_end = time.monotonic()
+    while sum(checks.pending(url).values()) and time.monotonic() - t_end < timeout:
+        time.sleep(0.05)
+    drained = probe() - at_end
+    drain_rate = drained / (time.monotonic() - t_end) if drained else float("nan")
+    return stats, (at_end - before) / elapsed, drain_rate
 
 
-def create_products(base: str, prefix: str, count: int) -> list[int]:
-    """Products with a stock no run can exhaust, created through the API."""
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    return [
-        requests.post(
-            f"{base}/v1/products",
-            json={"name": f"{prefix} {i}", "price": 100, "stock": STOCK},
-            headers=headers,
-            timeout=10,
-        ).json()["id"]
-        for i in range(count)
-    ]
+def open_row(scenario: str, system: str, stats: dict[str, Any], **extra: Any) -> Row:
+    return {
+        "section": "open",
+        "scenario": scenario,
+        "system": system,
+        "per_s": stats["per_s"],
+        "p50_ms": stats["p50_us"] / 1e3,
+        "p99_ms": stats["p99_us"] / 1e3,
+        "non2xx": stats["non2xx"],
+        "errors": stats["socket_errors"],
+        "wrk": stats,
+        **extra,
+    }
 
 
-def service_rows(stack: Stack, seconds: int) -> list[Row]:
-    base = stack.base_url
-    ids = create_products(base, "bench", 201)
-    hot, spread = ids[0], ids[1:]
-    rows = []
-    for scenario, lo, hi, probe_ids in (
-        ("orders, 200 products", spread[0], spread[-1], spread),
-        ("orders, 1 hot product", hot, hot, [hot]),
-    ):
-        stats, applied, drain = measure_applied(
-            lambda p=probe_ids: applied_orders(base, p),
-            lambda lo=lo, hi=hi: wrk(
-                base, "orders.lua", seconds, {"PRODUCT_LO": str(lo), "PRODUCT_HI": str(hi)}
-            ),
-            seconds,
-        )
-        rows.append(
-            Row(
-                scenario,
-                "queue (this service)",
-                stats["per_s"],
-                stats["p50_us"] / 1e3,
-                stats["p99_us"] / 1e3,
-                applied,
-                drain,
-                stats["non2xx"],
-            )
-        )
-    user = 900_000_001
-    stats, applied, drain = measure_applied(
-        lambda: charged_points(base, user),
-        lambda: wrk(base, "points.lua", seconds, {"USER_LO": str(user), "USER_HI": str(user)}),
-        seconds,
-    )
-    rows.append(
-        Row(
+def open_loop(run: Run) -> list[Row]:
+    base, url, seconds, rows = run.base, run.pg.url, run.args.seconds, []
+    loads: list[tuple[str, str, dict[str, str], Callable[[], int]]] = [
+        (
+            "orders, 200 products",
+            "orders.lua",
+            {"PRODUCT_LO": str(run.spread[0]), "PRODUCT_HI": str(run.spread[-1])},
+            lambda: applied_orders(url, run.spread),
+        ),
+        (
+            "orders, 1 hot product",
+            "orders.lua",
+            {"PRODUCT_LO": str(run.hot), "PRODUCT_HI": str(run.hot)},
+            lambda: applied_orders(url, [run.hot]),
+        ),
+        (
             "point charges, 1 hot user",
-            "queue (this service)",
-            stats["per_s"],
-            stats["p50_us"] / 1e3,
-            stats["p99_us"] / 1e3,
-            applied,
-            drain,
-            stats["non2xx"],
+            "points.lua",
+            {"USER_LO": str(HOT_POINTS_USER), "USER_HI": str(HOT_POINTS_USER)},
+            lambda: charged_points(url, HOT_POINTS_USER),
+        ),
+    ]
+    for scenario, script, env, probe in loads:
+        row: Row = {"scenario": scenario, "system": "this service"}
+        with run.measured(row, run.service_groups) as extra:
+            stats, applied, drain = measure_applied(
+                url,
+                probe,
+                lambda script=script, env=env: wrk(base, script, seconds, env, run.work),
+                run.args.drain_timeout,
+            )
+            extra["generator"] = stats["generator_cpu_s"]
+        row.update(
+            open_row(scenario, "this service", stats, applied_per_s=applied, drain_per_s=drain)
         )
-    )
-    return rows
-
-
-def baseline_rows(database_url: str, base_service: str, seconds: int, log_dir: Path) -> list[Row]:
-    ids = create_products(base_service, "baseline", 201)
-    rows = []
-    for workers in (4, 16):
-        port = free_port()
-        proc = gunicorn(
-            "bench.baseline_app:app",
-            port,
-            {"BASELINE_DATABASE_URL": database_url},
-            ["--workers", str(workers)],
-            log_dir / "baseline.log",
-        )
-        try:
+        rows.append(row)
+        print_progress(row)
+    if run.args.no_baseline:
+        return rows
+    for workers in run.args.baseline_workers:
+        with run.baseline(workers) as (url, groups):
             for scenario, lo, hi in (
-                ("orders, 200 products", ids[1], ids[-1]),
-                ("orders, 1 hot product", ids[0], ids[0]),
+                ("orders, 200 products", run.baseline_spread[0], run.baseline_spread[-1]),
+                ("orders, 1 hot product", run.baseline_hot, run.baseline_hot),
             ):
-                stats = wrk(
-                    f"http://127.0.0.1:{port}",
-                    "orders.lua",
-                    seconds,
-                    {"PRODUCT_LO": str(lo), "PRODUCT_HI": str(hi)},
-                )
-                rows.append(
-                    Row(
-                        scenario,
-                        f"original design, {workers} sync workers",
-                        stats["per_s"],
-                        stats["p50_us"] / 1e3,
-                        stats["p99_us"] / 1e3,
-                        stats["per_s"],
-                        None,
-                        stats["non2xx"],
-                        "applied in the request",
+                system = f"straight design, {workers} sync workers"
+                row = {"scenario": scenario, "system": system}
+                with run.measured(row, groups) as extra:
+                    stats = wrk(
+                        url,
+                        "orders.lua",
+                        seconds,
+                        {"PRODUCT_LO": str(lo), "PRODUCT_HI": str(hi)},
+                        run.work,
+                    )
+                    extra["generator"] = stats["generator_cpu_s"]
+                row.update(
+                    open_row(
+                        scenario, system, stats, applied_per_s=stats["per_s"], drain_per_s=None
                     )
                 )
-        finally:
-            stop(proc)
+                rows.append(row)
+                print_progress(row)
     return rows
 
 
-# ---- report ---------------------------------------------------------------------
+# ---- closed loop (wrk, one user per thread) -------------------------------------------
 
 
-def fmt(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:,.0f}"
+def closed_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    cycles = stats["cycles"]
+    return {
+        "cycles": cycles,
+        "per_s": cycles / stats["seconds"],
+        "cycle_p50_ms": stats["cycle_p50_us"] / 1e3,
+        "cycle_p99_ms": stats["cycle_p99_us"] / 1e3,
+        "request_p99_ms": stats["p99_us"] / 1e3,
+        "requests_per_cycle": stats["requests"] / cycles if cycles else float("nan"),
+        "one_request_share": stats["direct"] / cycles if cycles else float("nan"),
+        "failed_jobs": stats["failed"],
+        "non2xx": stats["non2xx"],
+        "errors": stats["socket_errors"] + stats["bad"],
+        "wrk": stats,
+    }
 
 
-def table(rows: list[Row]) -> str:
-    lines = [
-        "| scenario | system | accepted/s | p50 ms | p99 ms "
-        "| applied/s (under load) | drain/s (after) | non-2xx |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.scenario} | {r.system} | {fmt(r.accepted_per_s)} | {r.p50_ms:.1f} "
-            f"| {r.p99_ms:.1f} | {fmt(r.applied_per_s)} | {fmt(r.drain_per_s)} | {r.non2xx} |"
+def closed_loop(run: Run, name: str) -> list[Row]:
+    args = run.args
+    if name == "closed-spread":
+        scenario, users = f"closed loop, {args.spread_users} users, 200 products", args.spread_users
+        svc_lo, svc_hi = run.spread[0], run.spread[-1]
+        base_lo, base_hi = run.baseline_spread[0], run.baseline_spread[-1]
+    else:
+        scenario, users = f"closed loop, {args.hot_users} users, 1 hot product", args.hot_users
+        svc_lo = svc_hi = run.hot
+        base_lo = base_hi = run.baseline_hot
+    timeout = max(args.prefer_wait, args.poll_wait) + 10
+
+    def load(url: str, lo: int, hi: int, prefer: str) -> dict[str, Any]:
+        env = {
+            "PRODUCT_LO": str(lo),
+            "PRODUCT_HI": str(hi),
+            "PREFER_WAIT": prefer,
+            "POLL_WAIT": str(args.poll_wait),
+        }
+        return wrk(
+            url,
+            "closed.lua",
+            args.seconds,
+            env,
+            run.work,
+            threads=users,
+            connections=users,
+            timeout=timeout,
         )
-    return "\n".join(lines)
+
+    rows = []
+    for model in args.models:
+        system = "this service"
+        row: Row = {"section": "closed", "key": name, "scenario": scenario, "system": system}
+        prefer = str(args.prefer_wait) if model == "prefer" else ""
+        with run.measured(row, run.service_groups) as extra:
+            stats = load(run.base, svc_lo, svc_hi, prefer)
+            extra["generator"] = stats["generator_cpu_s"]
+        row.update(client=model, users=users, **closed_stats(stats))
+        rows.append(row)
+        print_progress(row)
+    if args.no_baseline:
+        return rows
+    for workers in args.baseline_workers:
+        with run.baseline(workers) as (url, groups):
+            system = f"straight design, {workers} sync workers"
+            row = {"section": "closed", "key": name, "scenario": scenario, "system": system}
+            with run.measured(row, groups) as extra:
+                stats = load(url, base_lo, base_hi, str(args.prefer_wait))
+                extra["generator"] = stats["generator_cpu_s"]
+            row.update(client="one POST (200)", users=users, **closed_stats(stats))
+            rows.append(row)
+            print_progress(row)
+    return rows
 
 
-def plot(rows: list[Row], path: Path) -> None:
-    import matplotlib
+def ratios(rows: list[Row]) -> list[Row]:
+    """Every (this service / straight design) pair of each closed-loop scenario."""
+    out = []
+    for key in ("closed-spread", "closed-hot"):
+        mine = [r for r in rows if r.get("key") == key and r["system"] == "this service"]
+        theirs = [r for r in rows if r.get("key") == key and r["system"] != "this service"]
+        if not mine or not theirs:
+            continue
+        best = max(theirs, key=lambda r: r["per_s"])
+        for m in mine:
+            for t in theirs:
+                ratio = m["per_s"] / t["per_s"] if t["per_s"] else float("nan")
+                p99 = m["cycle_p99_ms"] / t["cycle_p99_ms"] if t["cycle_p99_ms"] else float("nan")
+                out.append(
+                    {
+                        "key": key,
+                        "scenario": m["scenario"],
+                        "client": m["client"],
+                        "against": t["system"],
+                        "orders_ratio": ratio,
+                        "p99_ratio": p99,
+                    }
+                )
+            target = TARGETS[key]
+            ratio = m["per_s"] / best["per_s"] if best["per_s"] else float("nan")
+            met = ratio >= target and (
+                key != "closed-hot" or m["cycle_p99_ms"] < best["cycle_p99_ms"]
+            )
+            out.append(
+                {
+                    "key": key,
+                    "scenario": m["scenario"],
+                    "client": m["client"],
+                    "against": "the best of them: "
+                    + best["system"].removeprefix("straight design, "),
+                    "orders_ratio": ratio,
+                    "p99_ratio": m["cycle_p99_ms"] / best["cycle_p99_ms"]
+                    if best["cycle_p99_ms"]
+                    else float("nan"),
+                    "target": f">= {target:.1f}x" + (", lower p99" if key == "closed-hot" else ""),
+                    "met": met,
+                }
+            )
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    labels = [f"{r.scenario}\n{r.system}" for r in rows]
-    accepted = [r.accepted_per_s for r in rows]
-    applied = [r.applied_per_s or 0 for r in rows]
-    fig, ax = plt.subplots(figsize=(12, 6))
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], accepted, width=0.4, label="accepted/s (HTTP answers)")
-    ax.bar([x + 0.2 for x in xs], applied, width=0.4, label="applied/s (under load)")
-    ax.axhline(1000, color="red", linestyle="--", linewidth=1, label="target 1,000 req/s")
-    ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("per second")
-    ax.set_title("Shop back end vs ceilings and the original design (same run, 2 cores)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+# ---- open loop mixed, every job awaited --------------------------------------------------
+
+
+def mixed(run: Run) -> list[Row]:
+    args, rows = run.args, []
+    for rate in args.mixed_rates:
+        row: Row = {
+            "section": "mixed",
+            "scenario": f"mixed open loop, {rate:g} req/s offered",
+            "system": "this service",
+            "rate": rate,
+        }
+        cfg = {
+            "base": run.base,
+            "rate": rate,
+            "seconds": args.mixed_seconds,
+            "products": run.spread,
+            "coupons": run.coupons,
+            "charge_users": MIXED_USERS,
+            "prefer_wait": args.prefer_wait,
+            "poll_wait": args.poll_wait,
+            "give_up_after": args.give_up_after,
+            "max_in_flight": args.max_in_flight,
+            "seed": int(rate),
+        }
+        sampler = checks.BacklogSampler(run.pg.url)
+        at_end: dict[str, int] = {}
+
+        def on_event(name: str, at_end: dict[str, int] = at_end) -> None:
+            if name == "scheduled":
+                at_end.update(checks.pending(run.pg.url))
+
+        with run.measured(row, run.service_groups) as extra:
+            sampler.start()
+            try:
+                result, cpu = loadgen("mixed", cfg, run.work, on_event)
+            finally:
+                backlog = sampler.stop()
+            extra["generator"] = cpu
+        backlog["at_end_of_load"] = sum(at_end.values())
+        backlog["worst_partition_at_end"] = max(at_end.values(), default=0)
+        row.update(
+            per_s=result["completed_per_s"],
+            offered_per_s=result["offered_per_s"],
+            jobs_offered_per_s=result["jobs_offered"] / args.mixed_seconds,
+            accepted_per_s=result["accepted_per_s"],
+            completed_per_s=result["completed_per_s"],
+            completion_p50_ms=result["completion"]["p50_ms"],
+            completion_p99_ms=result["completion"]["p99_ms"],
+            read_p99_ms=result["read"]["p99_ms"],
+            errors=result["error_count"],
+            generator_lag_ms=result["generator_worst_lag_ms"],
+            backlog=backlog,
+            loadgen=result,
+        )
+        rows.append(row)
+        print_progress(row)
+    return rows
+
+
+# ---- long polls held while reads and POSTs are timed -------------------------------------
+
+
+def longpoll(run: Run) -> list[Row]:
+    args = run.args
+    assert run.stack is not None
+    stack = run.stack
+    row: Row = {
+        "section": "longpoll",
+        "scenario": f"{args.longpoll_clients} long polls held (wait={args.longpoll_wait})",
+        "system": "this service",
+    }
+    cfg = {
+        "base": run.base,
+        "clients": args.longpoll_clients,
+        "wait": args.longpoll_wait,
+        "products": run.spread,
+        "charge_users": LONGPOLL_USERS,
+        "probe_rate": args.probe_rate,
+        "probe_seconds": args.probe_seconds,
+    }
+    workers = [name for name in stack.procs if name.startswith("worker")]
+
+    def restart_workers(_event: str = "") -> None:
+        for name in workers:
+            if name not in stack.procs:
+                stack.start(name)
+
+    with run.measured(row, run.service_groups) as extra:
+        for name in workers:
+            stack.kill(name, signal.SIGTERM)
+        try:
+            result, cpu = loadgen("longpoll", cfg, run.work, restart_workers)
+        finally:
+            restart_workers()
+        extra["generator"] = cpu
+    delta = args.longpoll_target_ms
+    read_d, post_d = result["read_p99_delta_ms"], result["post_p99_delta_ms"]
+    row.update(
+        clients=args.longpoll_clients,
+        held=result["held_during_probe"],
+        read_p99_unloaded_ms=result["unloaded"]["read"]["p99_ms"],
+        read_p99_loaded_ms=result["loaded"]["read"]["p99_ms"],
+        read_p99_delta_ms=read_d,
+        post_p99_unloaded_ms=result["unloaded"]["post"]["p99_ms"],
+        post_p99_loaded_ms=result["loaded"]["post"]["p99_ms"],
+        post_p99_delta_ms=post_d,
+        met=read_d is not None and post_d is not None and read_d <= delta and post_d <= delta,
+        woken_p99_ms=result["woken_after_restart"]["p99_ms"],
+        errors=result["error_count"],
+        loadgen=result,
+    )
+    print_progress(row)
+    return [row]
+
+
+# ---- progress -----------------------------------------------------------------
+
+
+def print_progress(row: Row) -> None:
+    client = f" [{row['client']}]" if "client" in row else ""
+    print(
+        f"  {row['scenario']} / {row['system']}{client}: {fmt(row.get('per_s'))}/s, "
+        f"invariants {verdict(row)}",
+        flush=True,
+    )
+
+
+# ---- main -----------------------------------------------------------------------
+
+
+def csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--only",
+        type=csv(str),
+        default=list(SCENARIOS),
+        help=f"comma list of scenarios: {','.join(SCENARIOS)} (default all)",
+    )
+    p.add_argument("--seconds", type=int, default=15, help="wrk duration per load (default 15)")
+    p.add_argument("--users", type=int, help="users of both closed-loop scenarios")
+    p.add_argument("--spread-users", type=int, default=32, help="closed-spread users (32)")
+    p.add_argument("--hot-users", type=int, default=64, help="closed-hot users (64)")
+    p.add_argument(
+        "--models",
+        type=csv(str),
+        default=list(MODELS),
+        help="closed-loop clients: prefer (Prefer: wait, then polls), poll",
+    )
+    p.add_argument("--prefer-wait", type=int, default=5, help="Prefer: wait=N (default 5)")
+    p.add_argument("--poll-wait", type=int, default=5, help="GET /v1/jobs/{id}?wait=N (default 5)")
+    p.add_argument(
+        "--baseline-workers",
+        type=csv(int),
+        default=[4, 16],
+        help="straight design's sync workers (default 4,16)",
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip the straight design")
+    p.add_argument(
+        "--mixed-rates",
+        type=csv(float),
+        default=[1000.0],
+        help="offered rates of the mixed load (default 1000)",
+    )
+    p.add_argument("--mixed-seconds", type=float, default=60, help="per mixed rate (default 60)")
+    p.add_argument(
+        "--give-up-after",
+        type=float,
+        default=60,
+        help="a mixed client stops awaiting a job after N s (default 60)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=5000,
+        help="mixed: requests in flight before arrivals are dropped (default 5000)",
+    )
+    p.add_argument("--coupons", type=int, default=10, help="coupons of the mixed load")
+    p.add_argument("--coupon-quantity", type=int, default=1000, help="totalQuantity of each")
+    p.add_argument("--longpoll-clients", type=int, default=2000, help="polls held (2000)")
+    p.add_argument("--longpoll-wait", type=int, default=30, help="their ?wait= (30)")
+    p.add_argument("--longpoll-target-ms", type=float, default=50, help="allowed p99 increase (50)")
+    p.add_argument(
+        "--probe-rate",
+        type=float,
+        default=50,
+        help="longpoll: reads/s and POSTs/s of the probe (default 50 each)",
+    )
+    p.add_argument("--probe-seconds", type=float, default=10, help="each probe's length (10)")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=120,
+        help="seconds a load's jobs may take to drain before it is a violation",
+    )
+    p.add_argument("--noop-tasks", type=int, default=5000, help="Celery ceiling's tasks")
+    p.add_argument(
+        "--stack-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the service's processes (repeatable)",
+    )
+    args = p.parse_args(argv)
+    unknown = set(args.only) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenario(s) {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
+    if set(args.models) - set(MODELS):
+        p.error(f"--models takes {', '.join(MODELS)}")
+    if args.users:
+        args.spread_users = args.hot_users = args.users
+    if args.probe_seconds + 5 > args.longpoll_wait:
+        p.error("--probe-seconds must end well inside --longpoll-wait")
+    return args
+
+
+def stack_env(args: argparse.Namespace) -> dict[str, str]:
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    env = {
+        "LOG_LEVEL": "WARNING",
+        # tests/stack.py sweeps at test speed; measure with the service's own defaults.
+        "SWEEP_AFTER_SECONDS": str(defaults["sweep_after_seconds"]),
+        "SWEEP_INTERVAL_SECONDS": str(defaults["sweep_interval_seconds"]),
+        # No order may expire mid-run: the stock check counts every order not FAILED.
+        "ORDER_PAYMENT_TIMEOUT_SECONDS": "86400",
+    }
+    for item in args.stack_env:
+        name, _, value = item.partition("=")
+        env[name] = value
+    return env
+
+
+def plan(run: Run) -> list[tuple[str, Callable[[], list[Row]]]]:
+    steps: list[tuple[str, Callable[[], list[Row]]]] = []
+    if "ceilings" in run.args.only:
+        steps += [
+            ("ceilings", lambda: ceiling_http(run)),
+            ("ceilings", lambda: ceiling_celery(run)),
+        ]
+    for name in run.args.only:
+        if name == "open":
+            steps.append((name, lambda: open_loop(run)))
+        elif name.startswith("closed-"):
+            steps.append((name, lambda name=name: closed_loop(run, name)))
+        elif name == "mixed":
+            steps.append((name, lambda: mixed(run)))
+        elif name == "longpoll":
+            steps.append((name, lambda: longpoll(run)))
+    return steps
+
+
+def start_service(run: Run) -> None:
+    """The stack, and the products and coupons every service scenario shares."""
+    run.stack = Stack(
+        run.pg.url,
+        run.rd.url,
+        run.work / "logs",
+        admin_token=ADMIN_TOKEN,
+        extra_env=stack_env(run.args),
+    ).start_all()
+    wait_idle([p.pid for p in run.stack.procs.values()])
+    run.hot, *run.spread = create_products(run.base, "bench", 201)
+    run.baseline_hot, *run.baseline_spread = create_products(run.base, "baseline", 201)
+    run.coupons = create_coupons(run.base, run.args.coupons, run.args.coupon_quantity)
+
+
+def execute(args: argparse.Namespace, stamp: str) -> list[Row]:
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        pg, rd = EmbeddedPostgres(work / "pg" / "data"), EmbeddedRedis(work / "redis")
+        pg.start()
+        rd.start()
+        run = Run(args, work, pg, rd)
+        try:
+            migrate(pg.url)
+            for name, step in plan(run):
+                if name != "ceilings" and run.stack is None:
+                    start_service(run)
+                print(f"{name} ...", flush=True)
+                try:
+                    rows += step()
+                except Exception as exc:  # one scenario's failure must not hide the others
+                    traceback.print_exc()
+                    rows.append(
+                        {"section": "crash", "scenario": name, "system": "-", "crashed": repr(exc)}
+                    )
+        finally:
+            if run.stack is not None:
+                run.stack.stop()
+            rd.stop()
+            pg.stop()
+            if os.environ.get("BENCH_KEEP_LOGS"):
+                shutil.copytree(
+                    work, RESULTS / f"{stamp}-work", ignore=shutil.ignore_patterns("pg")
+                )
+    return rows
+
+
+def strict(value: Any) -> Any:
+    """JSON has no NaN: None instead (a ratio or rate that could not be computed)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.run")
-    parser.add_argument("--seconds", type=int, default=15, help="wrk duration per scenario")
-    parser.add_argument("--noop-tasks", type=int, default=5000)
-    args = parser.parse_args(argv)
+    args = parse(argv)
     if shutil.which("wrk") is None:
         print(
             "wrk is not installed: `make bench` installs it (apt-get install wrk)", file=sys.stderr
         )
         return 2
     RESULTS.mkdir(exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        work = Path(tmp)
-        pg, rd = EmbeddedPostgres(work / "pg" / "data"), EmbeddedRedis(work / "redis")
-        pg.start()
-        rd.start()
-        stack: Stack | None = None
-        try:
-            migrate(pg.url)
-            rows = [
-                ceiling_http(args.seconds, work),
-                ceiling_celery(rd.url.replace("/0", "/5"), args.noop_tasks, work),
-            ]
-            stack = Stack(
-                pg.url,
-                rd.url,
-                work / "logs",
-                admin_token=ADMIN_TOKEN,
-                extra_env={"LOG_LEVEL": "WARNING"},
-            )
-            stack.start_all()
-            rows += service_rows(stack, args.seconds)
-            rows += baseline_rows(pg.url, stack.base_url, args.seconds, work)
-        finally:
-            if stack is not None:
-                stack.stop()
-            rd.stop()
-            pg.stop()
-    report = table(rows)
-    (RESULTS / f"{stamp}.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    (RESULTS / f"{stamp}.md").write_text(report + "\n")
+    now = dt.datetime.now(dt.UTC)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    meta = {
+        "stamp": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "host": os.uname().nodename,
+        "cores": os.cpu_count(),
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "argv": " ".join(sys.argv[1:] if argv is None else argv),
+        "stack_env": stack_env(args),
+    }
+    rows = execute(args, stamp)
+    ratio_rows = ratios(rows)
+    text = markdown(rows, ratio_rows, meta)
+    (RESULTS / f"{stamp}.json").write_text(
+        json.dumps(strict({"meta": meta, "rows": rows, "ratios": ratio_rows}), indent=2)
+    )
+    (RESULTS / f"{stamp}.md").write_text(text + "\n")
     plot(rows, RESULTS / f"{stamp}.png")
-    print(report)
+    print()
+    print(text)
     print(f"\nwritten: bench/results/{stamp}.{{json,md,png}}")
+    failed = [r for r in rows if r.get("violations") or r.get("crashed")]
+    if failed:
+        print(f"\nFAILED: {len(failed)} row(s): invariants violated or a crash", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,10 +28,10 @@ class ConfigError(RuntimeError):
 
 
 # Logical Redis databases, fixed so that flushing the cache can never drop a queue.
-REDIS_DB_BROKER = 0
+REDIS_DB_BROKER = 0  # Celery's queues, and each partition's wake flag beside its queue
 REDIS_DB_CACHE = 1
 REDIS_DB_LIMITER = 2
-REDIS_DB_COORDINATION = 3  # wake flags, coupon sold-out markers
+REDIS_DB_COORDINATION = 3  # coupon sold-out markers (job notifications are pub/sub)
 
 _RATE_LIMIT = re.compile(r"^\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?$", re.IGNORECASE)
 _SECRET_FIELDS = frozenset({"admin_token", "flower_basic_auth"})

@@ -23,18 +23,12 @@ def make_engine(
     url: str | None = None,
     pool_size: int | None = None,
     pre_ping: bool = True,
-    autocommit: bool = False,
 ) -> Engine:
     """The process's engine for the primary (or ``url``, e.g. the replica).
 
     ``pre_ping`` costs a round trip per checkout: workers keep it (one per batch);
     web turns it off, because a dead connection already fails that one request as
     a 503 and SQLAlchemy then invalidates the pool's older connections.
-
-    ``autocommit``: every statement is its own transaction, committed (and flushed to
-    the WAL: ``synchronous_commit`` stays on) before its answer comes back.  Web
-    records a job row this way in one round trip instead of three (BEGIN, INSERT,
-    COMMIT), and reads job status without opening a transaction.
     """
     options = (
         f"-c statement_timeout={settings.db_statement_timeout_ms}"
@@ -43,7 +37,7 @@ def make_engine(
     )
     return create_engine(
         url or settings.sqlalchemy_url,
-        isolation_level="AUTOCOMMIT" if autocommit else ISOLATION_LEVEL,
+        isolation_level=ISOLATION_LEVEL,
         pool_size=pool_size or settings.db_pool_size,
         max_overflow=settings.db_pool_size,
         pool_pre_ping=pre_ping,

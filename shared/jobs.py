@@ -25,12 +25,13 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    case,
     column,
     func,
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
 from sqlalchemy.orm import Session
 
 from shared.domain.errors import ErrorCode
@@ -235,34 +236,70 @@ def record(
     return Recorded(existing, created=False)
 
 
+_GET_JOB = _SELECT.where(_jobs.c.id == bindparam("job_id"))
+
+
 def get_job(executor: Executor, job_id: uuid.UUID) -> JobRecord | None:
-    row = executor.execute(_SELECT.where(_jobs.c.id == job_id)).one_or_none()
+    row = executor.execute(_GET_JOB, {"job_id": job_id}).one_or_none()
     return None if row is None else _record_of(row)
 
 
+_FINISHED_AMONG = _SELECT.where(
+    _jobs.c.id == func.any(bindparam("job_ids", type_=ARRAY(UUID(as_uuid=True)))),
+    _jobs.c.status != JobStatus.PENDING.value,
+)
+
+
 def get_finished_jobs(executor: Executor, job_ids: list[uuid.UUID]) -> list[JobRecord]:
-    """Those of ``job_ids`` that have finished (one query, however many are asked)."""
+    """Those of ``job_ids`` that have finished (one query with one array parameter,
+    however many are asked)."""
     if not job_ids:
         return []
-    rows = executor.execute(
-        _SELECT.where(_jobs.c.id.in_(job_ids), _jobs.c.status != JobStatus.PENDING.value)
+    return [_record_of(row) for row in executor.execute(_FINISHED_AMONG, {"job_ids": job_ids})]
+
+
+_ahead = _jobs.alias("ahead")
+_AHEAD = (
+    select(_ahead.c.seq)
+    .where(
+        _ahead.c.partition == _jobs.c.partition,
+        _ahead.c.status == JobStatus.PENDING.value,
+        _ahead.c.seq < _jobs.c.seq,
     )
-    return [_record_of(row) for row in rows]
+    .limit(POSITION_CAP)
+    .correlate(_jobs)
+    .subquery()
+)
+# A job and, only while it is PENDING (CASE does not run the count otherwise), how many
+# PENDING jobs of its partition were committed before it: one round trip.
+_GET_JOB_WITH_POSITION = select(
+    *_jobs.c,
+    case(
+        (
+            _jobs.c.status == JobStatus.PENDING.value,
+            select(func.count()).select_from(_AHEAD).scalar_subquery(),
+        ),
+        else_=None,
+    ).label("ahead"),
+).where(_jobs.c.id == bindparam("job_id"))
+
+
+def get_job_with_position(
+    executor: Executor, job_id: uuid.UUID
+) -> tuple[JobRecord, int | None] | None:
+    """The job and, if it is PENDING, its ``position.ahead`` (exact up to POSITION_CAP)."""
+    row = executor.execute(_GET_JOB_WITH_POSITION, {"job_id": job_id}).one_or_none()
+    if row is None:
+        return None
+    fields = dict(row._mapping)
+    ahead = fields.pop("ahead")
+    return JobRecord(**fields), ahead
 
 
 def jobs_ahead(executor: Executor, job: JobRecord) -> int:
     """PENDING jobs of the job's partition committed before it, counted up to POSITION_CAP."""
-    ahead = (
-        select(_jobs.c.seq)
-        .where(
-            _jobs.c.partition == job.partition,
-            _jobs.c.status == JobStatus.PENDING.value,
-            _jobs.c.seq < job.seq,
-        )
-        .limit(POSITION_CAP)
-        .subquery()
-    )
-    return int(executor.execute(select(func.count()).select_from(ahead)).scalar_one())
+    found = get_job_with_position(executor, job.id)
+    return 0 if found is None or found[1] is None else found[1]
 
 
 def job_document(
@@ -305,6 +342,32 @@ def document_of(job: JobRecord, ahead: int | None = None) -> dict[str, Any]:
     )
 
 
+def partition_lock_id(queue: str) -> int:
+    """The key of ``queue``'s advisory lock (a stable hash, as for routing)."""
+    return int.from_bytes(
+        hashlib.blake2b(queue.encode(), digest_size=8).digest(), "big", signed=True
+    )
+
+
+_LOCK_PARTITION = select(func.pg_advisory_xact_lock(bindparam("lock_id")))
+_PENDING = (_jobs.c.partition == bindparam("queue")) & (_jobs.c.status == JobStatus.PENDING.value)
+# The advisory lock is taken by the statement that reads the batch (one round trip).  Its
+# snapshot may predate the lock, so it may see as PENDING jobs that a drainer it waited
+# for has just finished: FOR UPDATE re-checks each row it locks against the committed
+# version (EvalPlanQual) and skips those, so only still-PENDING jobs come back, in seq
+# order; jobs committed after the snapshot are the next batch's.
+_LOCK_PENDING_BATCH = (
+    _SELECT.where(_PENDING, func.pg_advisory_xact_lock(bindparam("lock_id")).is_not(None))
+    .order_by(_jobs.c.seq)
+    .limit(bindparam("limit"))
+    .with_for_update()
+)
+_HAS_PENDING = select(_jobs.c.id).where(_PENDING).limit(1)
+_LOCK_PENDING_JOB = _SELECT.where(
+    _jobs.c.id == bindparam("job_id"), _jobs.c.status == JobStatus.PENDING.value
+).with_for_update()
+
+
 def lock_pending_batch(session: Session, queue: str, limit: int) -> list[JobRecord]:
     """The oldest PENDING jobs of ``queue``, locked, in commit order.
 
@@ -312,44 +375,27 @@ def lock_pending_batch(session: Session, queue: str, limit: int) -> list[JobReco
     even if two workers ever receive its wake-ups (a rebalance, a sweeper re-send):
     the second waits, then finds those jobs finished.
     """
-    lock_partition(session, queue)
     rows = session.execute(
-        _SELECT.where(_jobs.c.partition == queue, _jobs.c.status == JobStatus.PENDING.value)
-        .order_by(_jobs.c.seq)
-        .limit(limit)
-        .with_for_update()
+        _LOCK_PENDING_BATCH,
+        {"queue": queue, "lock_id": partition_lock_id(queue), "limit": limit},
     )
     return [_record_of(row) for row in rows]
 
 
 def partition_has_pending(session: Session, queue: str) -> bool:
-    return (
-        session.execute(
-            select(_jobs.c.id)
-            .where(_jobs.c.partition == queue, _jobs.c.status == JobStatus.PENDING.value)
-            .limit(1)
-        ).first()
-        is not None
-    )
+    return session.execute(_HAS_PENDING, {"queue": queue}).first() is not None
 
 
 def lock_pending_job(session: Session, queue: str, job_id: uuid.UUID) -> JobRecord | None:
     """One job of ``queue``, locked, if it is still PENDING (for the one-by-one replay)."""
     lock_partition(session, queue)
-    row = session.execute(
-        _SELECT.where(
-            _jobs.c.id == job_id, _jobs.c.status == JobStatus.PENDING.value
-        ).with_for_update()
-    ).one_or_none()
+    row = session.execute(_LOCK_PENDING_JOB, {"job_id": job_id}).one_or_none()
     return None if row is None else _record_of(row)
 
 
 def lock_partition(session: Session, queue: str) -> None:
     """Hold the partition's transaction-scoped advisory lock: one applier per partition."""
-    lock_id = int.from_bytes(
-        hashlib.blake2b(queue.encode(), digest_size=8).digest(), "big", signed=True
-    )
-    session.execute(select(func.pg_advisory_xact_lock(lock_id)))
+    session.execute(_LOCK_PARTITION, {"lock_id": partition_lock_id(queue)})
 
 
 @dataclass(frozen=True)

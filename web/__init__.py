@@ -55,8 +55,12 @@ def create_app(
 
     recheck: Recheck | None = None
     if session_factory is None:
-        session_factory = make_session_factory(make_engine(settings, pre_ping=False))
-        app.extensions["autocommit_engine"] = make_engine(settings, pre_ping=False, autocommit=True)
+        engine = make_engine(settings, pre_ping=False)
+        session_factory = make_session_factory(engine)
+        # The same pool, its connections switched to autocommit while checked out (a
+        # local setting: no round trip), so a connection lost to a database restart
+        # is found, and the pool renewed, whichever path meets it first.
+        app.extensions["autocommit_engine"] = engine.execution_options(isolation_level="AUTOCOMMIT")
         recheck = finished_documents(session_factory)
         if settings.database_replica_url:
             replica = make_engine(settings, url=settings.database_replica_url, pre_ping=False)

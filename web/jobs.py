@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify
 from werkzeug.exceptions import NotFound
 
 from shared.config import Settings
-from shared.jobs import document_of, get_job, jobs_ahead
+from shared.jobs import document_of, get_job, get_job_with_position
 from web.api import operation
 from web.schemas import JobView, JobWaitQuery
 from web.session import autocommit
@@ -26,19 +26,21 @@ def current_document(job_id: uuid.UUID) -> dict[str, Any] | None:
     no database connection.
     """
     with autocommit() as connection:
-        job = get_job(connection, job_id)
-        if job is None:
-            return None
-        return document_of(job, jobs_ahead(connection, job) if job.pending else None)
+        found = get_job_with_position(connection, job_id)
+    return None if found is None else document_of(*found)
 
 
 def await_document(job_id: uuid.UUID, seconds: float) -> dict[str, Any] | None:
     """The job's status document once it finishes, or after ``seconds`` as it is then."""
     waiters: JobWaiters = current_app.extensions["job_waiters"]
     with waiters.waiting(str(job_id)) as waiter:
-        document = current_document(job_id)
-        if document is None or document["status"] != "PENDING":
-            return document
+        with autocommit() as connection:
+            job = get_job(connection, job_id)
+        if job is None:
+            return None
+        if not job.pending:
+            return document_of(job)
+        # Its position is only needed if it is still PENDING at the end: read it then.
         finished = waiter.wait(seconds)
     return finished or current_document(job_id)
 

@@ -22,10 +22,12 @@ from flask import Response, current_app, jsonify, request
 from sqlalchemy.exc import DBAPIError
 
 from shared.broker import TRANSPORT as BROKER_TRANSPORT
+from shared.broker import WakeUpTemplates
 from shared.cache import make_redis
 from shared.config import Settings
 from shared.domain.errors import ErrorCode
 from shared.jobs import (
+    WAKE_FLAG_SECONDS,
     IdempotencyKeyReused,
     JobKind,
     JobRecord,
@@ -34,7 +36,7 @@ from shared.jobs import (
     get_job,
     record,
     task_for_queue,
-    wake_partition,
+    wake_key,
 )
 from web.breaker import Breaker
 from web.errors import ApiError, unavailable, validation_error
@@ -78,14 +80,15 @@ class CeleryPublisher:
                 "socket_connect_timeout": 1,
             },
         )
-        self._flags = make_redis(settings.coordination_url, timeout=1.0)
         self._broker = make_redis(settings.broker_url, timeout=1.0)
+        self._wake_ups = WakeUpTemplates(self._broker, self._send_unsafe_in_transaction)
 
     def _send_unsafe_in_transaction(self, queue: str) -> None:
         self._celery.send_task(task_for_queue(queue), args=[queue], queue=queue, retry=False)
 
     def wake(self, queue: str) -> None:
-        wake_partition(self._flags, queue, self._send_unsafe_in_transaction)
+        """One wake-up in flight per partition: set its flag and send, or do nothing."""
+        self._wake_ups.wake(wake_key(queue), queue, WAKE_FLAG_SECONDS)
 
     def ping(self) -> None:
         self._broker.ping()

@@ -22,8 +22,11 @@ def db_session() -> Session:
 def autocommit() -> Iterator[Connection]:
     """A primary connection on which each statement is its own transaction.
 
-    In production it comes from the app's autocommit engine (one round trip per
-    statement).  Tests inject a session factory bound to their own transaction: the
+    Each statement is committed (and flushed to the WAL: ``synchronous_commit`` stays
+    on) before its answer comes back, so a job row is recorded in one round trip
+    instead of three (BEGIN, INSERT, COMMIT), and job status is read without opening
+    a transaction.  In production the connection comes from the app's autocommit
+    engine.  Tests inject a session factory bound to their own transaction: the
     block then runs on a session that is committed (a savepoint) when it ends.
     Either way no connection is held once the block is left.
     """

@@ -8,10 +8,12 @@ database connection while it waits (web runs gevent, so it holds no OS thread
 either; thousands may wait at once).
 
 A notification can be missed (Redis restarted, the listener reconnecting, a
-worker's publish failing after its commit), so the listener also re-reads, once
-a second and in one query, the jobs that have been waited for longer than that
-(``recheck``), and a request re-reads its job at its deadline.  Neither is on the
-path of a notification that arrives.
+worker's publish failing after its commit), so the listener also re-reads the
+jobs waited for, in one query a second for all of them (``recheck``): each job
+1 s after its wait began, then 2, 4, 8... s later (thousands of long polls on jobs
+that stay PENDING cost a few rows a second, not thousands), and at once after the
+listener reconnects.  A request also re-reads its job at its deadline.  Neither
+is on the path of a notification that arrives.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class Waiter:
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
-        self.since = time.monotonic()
+        self.recheck_at = time.monotonic() + RECHECK_SECONDS
+        self.recheck_after = RECHECK_SECONDS
         self.document: dict[str, Any] | None = None
         self._event = threading.Event()
 
@@ -109,6 +112,7 @@ class JobWaiters:
                 for message in pubsub.listen():
                     if message["type"] == "subscribe":
                         self._subscribed.set()
+                        self._recheck_all_soon()  # notifications may have been missed
                     elif message["type"] == "message":
                         self.resolve(json.loads(message["data"]))
             except (redis.RedisError, OSError, ValueError) as exc:
@@ -128,17 +132,26 @@ class JobWaiters:
                 for waiter in self._waiting[job_id]:
                     waiter.resolve(documents[job_id])
 
+    def _recheck_all_soon(self) -> None:
+        with self._lock:
+            for waiters in self._waiting.values():
+                for waiter in waiters:
+                    waiter.recheck_at = 0.0
+
     def _recheck_loop(self) -> None:
         assert self._recheck is not None
         while True:
             time.sleep(RECHECK_SECONDS)
-            cutoff = time.monotonic() - RECHECK_SECONDS
+            now = time.monotonic()
+            overdue = []
             with self._lock:
-                overdue = [
-                    job_id
-                    for job_id, waiters in self._waiting.items()
-                    if any(w.since <= cutoff for w in waiters)
-                ]
+                for job_id, waiters in self._waiting.items():
+                    due = [w for w in waiters if w.recheck_at <= now]
+                    for waiter in due:
+                        waiter.recheck_after *= 2
+                        waiter.recheck_at = now + waiter.recheck_after
+                    if due:
+                        overdue.append(job_id)
             if not overdue:
                 continue
             try:

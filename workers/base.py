@@ -57,7 +57,6 @@ from shared.jobs import (
     lock_pending_batch,
     lock_pending_job,
     note_drain,
-    partition_has_pending,
     wake_key,
     wake_partition,
 )
@@ -127,7 +126,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._session_factory: sessionmaker[Session] | None = None
         self._coordination: redis.Redis | None = None
-        self._broker: redis.Redis | None = None
+        self._broker_client: redis.Redis | None = None
         self._cache: ProductCache | None = None
 
     @property
@@ -161,27 +160,32 @@ class Runtime:
                 )
             return self._cache
 
+    @property
+    def broker(self) -> redis.Redis:
+        """The broker's database: the queues, and their wake flags beside them."""
+        with self._lock:
+            if self._broker_client is None:
+                self._broker_client = make_redis(self.settings.broker_url, timeout=2.0)
+            return self._broker_client
+
     def wake(self, queue: str) -> None:
         """Wake ``queue`` unless a wake-up is in flight.  Never call inside a transaction."""
-        wake_partition(self.coordination, queue, self._send)
+        wake_partition(self.broker, queue, self._send)
 
     def claim(self, queue: str) -> bool:
         """Set ``queue``'s wake flag if it is clear: True if this caller now holds it."""
-        return bool(self.coordination.set(wake_key(queue), 1, nx=True, ex=WAKE_FLAG_SECONDS))
+        return bool(self.broker.set(wake_key(queue), 1, nx=True, ex=WAKE_FLAG_SECONDS))
 
     def release(self, queue: str) -> None:
         try:
-            self.coordination.delete(wake_key(queue))
+            self.broker.delete(wake_key(queue))
         except redis.RedisError as exc:
             log.warning("could not clear the wake flag of %s: %s", queue, exc)
 
     def backlog(self, queue: str) -> int:
         """Messages waiting in ``queue`` (a Redis list of the broker's database), 0 if unknown."""
-        with self._lock:
-            if self._broker is None:
-                self._broker = make_redis(self.settings.broker_url, timeout=2.0)
         try:
-            return int(self._broker.llen(queue))  # type: ignore[arg-type]  # sync client
+            return int(self.broker.llen(queue))  # type: ignore[arg-type]  # sync client
         except redis.RedisError:
             return 0
 
@@ -228,37 +232,37 @@ def drain_partition(rt: Runtime, queue: str) -> int:
 
     The wake flag stays set while the partition is drained, so web sends no
     further wake-ups for jobs this drain will find anyway.  When a batch comes
-    back short, the flag is cleared and the partition looked at once more: a job
-    committed before the clear is found by that look, and this drain takes the
-    flag back and goes on (no message needed); a job committed after the clear
-    sets the flag itself and sends a wake-up (``web.publish``).  No job is left
-    behind.  After ``MAX_BATCHES_PER_DRAIN`` the partition is woken by a message
-    instead, behind the other partitions' wake-ups, so a busy one cannot hold a
-    pool thread for ever.
+    back short, the flag is cleared and the partition read once more: a job
+    committed before the clear is found by that read and applied (the drain then
+    takes the flag back and goes on, no message needed); a job committed after
+    the clear sets the flag itself and sends a wake-up (``web.publish``).  No job
+    is left behind.  After ``MAX_BATCHES_PER_DRAIN`` the partition is woken by a
+    message instead, behind the other partitions' wake-ups, so a busy one cannot
+    hold a pool thread for ever.
     """
     done = 0
-    for batch in range(1, MAX_BATCHES_PER_DRAIN + 1):
+    flagged = True
+    for _ in range(MAX_BATCHES_PER_DRAIN):
         applied = apply_next_batch(rt, queue)
         done += applied
-        if applied >= rt.settings.batch_size and batch < MAX_BATCHES_PER_DRAIN:
+        if flagged and applied >= rt.settings.batch_size:
+            continue  # a full batch: more are waiting; the flag keeps web quiet meanwhile
+        if flagged:
+            rt.release(queue)
+            flagged = False  # the next batch is the look after the clear
             continue
-        rt.release(queue)
-        if not has_pending(rt, queue):
+        if not applied:
             return done
-        if batch == MAX_BATCHES_PER_DRAIN:
-            break
         if not rt.claim(queue):
             return done  # a job committed since sent a wake-up of its own
+        flagged = True
+    if flagged:
+        rt.release(queue)
     try:
-        rt.wake(queue)
+        rt.wake(queue)  # sends unless a wake-up of someone else's is already in flight
     except Exception as exc:  # the sweeper wakes it if this is lost
         log.warning("could not re-wake %s: %s", queue, exc)
     return done
-
-
-def has_pending(rt: Runtime, queue: str) -> bool:
-    with rt.session_factory() as session:
-        return partition_has_pending(session, queue)
 
 
 def apply_next_batch(rt: Runtime, queue: str) -> int:
@@ -320,9 +324,9 @@ def _apply_alone(rt: Runtime, queue: str, job_id: uuid.UUID, effects: Effects) -
 
 
 def after_commit(rt: Runtime, effects: Effects) -> None:
-    """Refresh the product cache, run deferred actions, wake the history listener, then
-    tell waiters (last: whoever is told a job finished finds the cache refreshed).
-    Never raises."""
+    """Refresh the product cache, run deferred actions, then tell waiters and wake the
+    history listener in one round trip (waiters last: whoever is told a job finished
+    finds the cache refreshed).  Never raises."""
     if effects.committed_products:
         try:
             rt.cache.refresh_products(effects.committed_products)
@@ -333,14 +337,23 @@ def after_commit(rt: Runtime, effects: Effects) -> None:
             action(rt)
         except Exception:
             log.exception("post-commit action failed")
-    if effects.history:
+    if not effects.finished and not effects.history:
+        return
+    try:
+        # Pub/sub ignores logical databases: the broker's client publishes too.
+        pipe = rt.broker.pipeline(transaction=False)
+        if effects.finished:
+            documents = {str(o.job.id): o.document() for o in effects.finished}
+            pipe.publish(FINISHED_CHANNEL, json.dumps(documents))
+        if effects.history:
+            pipe.set(wake_key(HISTORY_QUEUE), 1, nx=True, ex=WAKE_FLAG_SECONDS)
+        answers = pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("finish notification / history wake-up not sent (re-checks will): %s", exc)
+        return
+    if effects.history and answers[-1]:
         try:
-            rt.wake(HISTORY_QUEUE)
+            rt.force_wake(HISTORY_QUEUE)  # its flag is set: this is the one wake-up
         except Exception as exc:
+            rt.release(HISTORY_QUEUE)
             log.warning("history wake-up not sent (relay will): %s", exc)
-    if effects.finished:
-        documents = {str(o.job.id): o.document() for o in effects.finished}
-        try:
-            rt.coordination.publish(FINISHED_CHANNEL, json.dumps(documents))
-        except redis.RedisError as exc:
-            log.warning("finish notification not sent (waiters re-check): %s", exc)

@@ -1,5 +1,5 @@
 -- GET of one fixed path (WRK_PATH): the ceiling of the HTTP stack.
-dofile(os.getenv("WRK_DIR") .. "/report.lua")
+dofile(os.getenv("WRK_DIR") .. "/common.lua")
 local path = os.getenv("WRK_PATH") or "/"
 
 request = function()

@@ -1,5 +1,5 @@
 -- POST /v1/orders, one unit of a product drawn from [PRODUCT_LO, PRODUCT_HI].
-dofile(os.getenv("WRK_DIR") .. "/report.lua")
+dofile(os.getenv("WRK_DIR") .. "/common.lua")
 local lo = tonumber(os.getenv("PRODUCT_LO"))
 local hi = tonumber(os.getenv("PRODUCT_HI"))
 local path = os.getenv("ORDER_PATH") or "/v1/orders"

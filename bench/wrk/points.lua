@@ -1,5 +1,5 @@
 -- POST /v1/points/charge of 1 point for a user drawn from [USER_LO, USER_HI].
-dofile(os.getenv("WRK_DIR") .. "/report.lua")
+dofile(os.getenv("WRK_DIR") .. "/common.lua")
 local lo = tonumber(os.getenv("USER_LO"))
 local hi = tonumber(os.getenv("USER_HI"))
 local headers = {["Content-Type"] = "application/json"}

@@ -87,14 +87,15 @@ def issue_coupons(session: Session, requests: list[IssueRequest]) -> IssueOutcom
             .with_for_update()
         ).all()
     )
-    holders = set(
-        session.execute(
+    holders = {
+        (coupon_id, user_id)
+        for coupon_id, user_id in session.execute(
             select(UserCoupon.coupon_id, UserCoupon.user_id).where(
                 UserCoupon.coupon_id.in_(list(remaining)),
                 UserCoupon.user_id.in_(sorted({r.user_id for r in requests})),
             )
-        ).tuples()
-    )
+        )
+    }
     decided: list[IssueRequest | DomainError] = []
     issued: dict[int, int] = {}
     for r in requests:
@@ -127,7 +128,7 @@ def issue_coupons(session: Session, requests: list[IssueRequest]) -> IssueOutcom
                 insert(UserCoupon)
                 .values(new_rows)
                 .returning(UserCoupon.coupon_id, UserCoupon.user_id, UserCoupon.id)
-            ).tuples()
+            )
         }
     outcomes: list[IssuedCoupon | DomainError] = [
         IssuedCoupon(ids[(d.coupon_id, d.user_id)], d.coupon_id, d.user_id)
@@ -158,5 +159,5 @@ def list_user_coupons(session: Session, user_id: int) -> list[tuple[UserCoupon, 
         .join(Coupon, Coupon.id == UserCoupon.coupon_id)
         .where(UserCoupon.user_id == user_id)
         .order_by(UserCoupon.id)
-    ).tuples()
-    return list(rows)
+    )
+    return [(user_coupon, coupon) for user_coupon, coupon in rows]

@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from shared.models import OrderHistory, Outbox
+from shared.models import Outbox
+
+# One statement: mark the oldest undelivered rows delivered and insert their history
+# rows (in outbox order), answering how many were delivered.
+_DELIVER = text(
+    """
+    WITH delivered AS (
+        UPDATE outbox SET delivered_at = now()
+        WHERE id IN (
+            SELECT id FROM outbox WHERE delivered_at IS NULL
+            ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
+        )
+        RETURNING id, order_id, status, created_at
+    ), recorded AS (
+        INSERT INTO order_histories (order_id, status, created_at)
+        SELECT order_id, status, created_at FROM delivered ORDER BY id
+        ON CONFLICT ON CONSTRAINT uq_order_histories_order_id_status DO NOTHING
+    )
+    SELECT count(*) FROM delivered
+    """
+)
 
 
 def record_histories_from_outbox(session: Session, limit: int) -> int:
@@ -18,31 +37,7 @@ def record_histories_from_outbox(session: Session, limit: int) -> int:
     no-op, and ``FOR UPDATE SKIP LOCKED`` lets two listeners share the outbox.
     Returns how many outbox rows were delivered.
     """
-    rows = list(
-        session.execute(
-            select(Outbox)
-            .where(Outbox.delivered_at.is_(None))
-            .order_by(Outbox.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ).scalars()
-    )
-    if not rows:
-        return 0
-    session.execute(
-        insert(OrderHistory)
-        .values(
-            [{"order_id": r.order_id, "status": r.status, "created_at": r.created_at} for r in rows]
-        )
-        .on_conflict_do_nothing(constraint="uq_order_histories_order_id_status")
-    )
-    session.execute(
-        update(Outbox)
-        .where(Outbox.id.in_([r.id for r in rows]))
-        .values(delivered_at=func.now())
-        .execution_options(synchronize_session=False)
-    )
-    return len(rows)
+    return int(session.execute(_DELIVER, {"limit": limit}).scalar_one())
 
 
 def has_undelivered_outbox(session: Session, older_than: dt.timedelta) -> bool:

@@ -17,14 +17,12 @@ from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
-    Integer,
     Subquery,
     Table,
     bindparam,
     func,
-    insert,
-    literal,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -34,7 +32,7 @@ from sqlalchemy.types import TypeEngine
 from shared.domain.errors import DomainError, InsufficientStock, ProductNotFound, unwrap
 from shared.domain.orders import OrderStatus
 from shared.domain.products import PRODUCT_COLUMNS, ProductRow, lock_products
-from shared.models import Order, OrderLine, Outbox, Product
+from shared.models import Order, Product
 
 
 @dataclass(frozen=True)
@@ -151,9 +149,6 @@ def apply_inventory(session: Session, requests: list[InventoryRequest]) -> Inven
 
 
 _products = cast(Table, Product.__table__)
-_orders = cast(Table, Order.__table__)
-_order_lines = cast(Table, OrderLine.__table__)
-_outbox = cast(Table, Outbox.__table__)
 
 
 def _unnest(**arrays: TypeEngine[Any]) -> Subquery:
@@ -197,62 +192,64 @@ def _write_stock(session: Session, changes: dict[int, tuple[int, int]]) -> dict[
     return written
 
 
-# insertmanyvalues: one statement per batch, ids returned in the order of the rows.
-_INSERT_ORDERS = insert(_orders).returning(_orders.c.id, sort_by_parameter_order=True)
-_NEW_LINES = _unnest(
-    order_id=BigInteger(), product_id=BigInteger(), quantity=Integer(), unit_price=BigInteger()
-)
-_INSERT_LINES = insert(_order_lines).from_select(
-    ["order_id", "product_id", "quantity", "unit_price"], select(*_NEW_LINES.c)
-)
-_NEW_OUTBOX = _unnest(order_id=BigInteger())
-_INSERT_OUTBOX = insert(_outbox).from_select(
-    ["order_id", "status"],
-    select(_NEW_OUTBOX.c.order_id, literal(OrderStatus.READY.value)),
+# A batch's orders, their lines and their outbox rows in one statement.  Each order
+# takes its id from the identity's sequence in the ``placed`` CTE (evaluated once), so
+# the answer maps each request's position ``n`` to its order id, whatever order
+# RETURNING would have used.
+_PLACE_ORDERS = text(
+    """
+    WITH placed AS MATERIALIZED (
+        SELECT nextval(pg_get_serial_sequence('orders', 'id')) AS id, batch.*
+        FROM unnest(CAST(:user_ids AS bigint[]), CAST(:totals AS bigint[]),
+                    CAST(:job_ids AS uuid[])) WITH ORDINALITY
+             AS batch(user_id, total_price, job_id, n)
+    ), new_orders AS (
+        INSERT INTO orders (id, user_id, status, total_price, job_id)
+        SELECT id, user_id, :status, total_price, job_id FROM placed
+    ), new_lines AS (
+        INSERT INTO order_lines (order_id, product_id, quantity, unit_price)
+        SELECT placed.id, line.product_id, line.quantity, line.unit_price
+        FROM unnest(CAST(:line_orders AS bigint[]), CAST(:line_products AS bigint[]),
+                    CAST(:line_quantities AS integer[]), CAST(:line_prices AS bigint[]))
+             AS line(n, product_id, quantity, unit_price)
+        JOIN placed USING (n)
+    ), new_outbox AS (
+        INSERT INTO outbox (order_id, status) SELECT id, :status FROM placed ORDER BY n
+    )
+    SELECT n, id FROM placed
+    """
 )
 
 
 def _insert_orders(
     session: Session, orders: list[OrderRequest], products: dict[int, ProductRow]
 ) -> list[PlacedOrder]:
-    """The batch's orders, their lines and their outbox rows: three statements in all."""
+    """The batch's orders READY, their lines (unit price = the price when ordered) and one
+    outbox row each: one statement in all."""
     if not orders:
         return []
     totals = [
         sum(products[line.product_id].price * line.quantity for line in o.lines) for o in orders
     ]
-    order_ids = list(
+    lines = [(n, line) for n, o in enumerate(orders, start=1) for line in o.lines]
+    ids: dict[int, int] = dict(
         session.execute(
-            _INSERT_ORDERS,
-            [
-                {
-                    "user_id": o.user_id,
-                    "status": OrderStatus.READY.value,
-                    "total_price": total,
-                    "job_id": o.job_id,
-                }
-                for o, total in zip(orders, totals, strict=True)
-            ],
-        ).scalars()
+            _PLACE_ORDERS,
+            {
+                "status": OrderStatus.READY.value,
+                "user_ids": [o.user_id for o in orders],
+                "totals": totals,
+                "job_ids": [o.job_id for o in orders],
+                "line_orders": [n for n, _ in lines],
+                "line_products": [line.product_id for _, line in lines],
+                "line_quantities": [line.quantity for _, line in lines],
+                "line_prices": [products[line.product_id].price for _, line in lines],
+            },
+        ).all()
     )
-    lines = [
-        (order_id, line.product_id, line.quantity, products[line.product_id].price)
-        for order_id, o in zip(order_ids, orders, strict=True)
-        for line in o.lines
-    ]
-    session.execute(
-        _INSERT_LINES,
-        {
-            "batch_order_id": [line[0] for line in lines],
-            "batch_product_id": [line[1] for line in lines],
-            "batch_quantity": [line[2] for line in lines],
-            "batch_unit_price": [line[3] for line in lines],
-        },
-    )
-    session.execute(_INSERT_OUTBOX, {"batch_order_id": order_ids})
     return [
-        PlacedOrder(order_id, OrderStatus.READY.value, o.user_id, total)
-        for order_id, o, total in zip(order_ids, orders, totals, strict=True)
+        PlacedOrder(ids[n], OrderStatus.READY.value, o.user_id, total)
+        for n, (o, total) in enumerate(zip(orders, totals, strict=True), start=1)
     ]
 
 

@@ -175,7 +175,7 @@ def test_stock_set_gives_the_product_and_refreshes_the_cache(runtime: Runtime) -
 def test_order_create_gives_the_order_and_feeds_history(runtime: Runtime) -> None:
     cheap = _product(runtime, price=100, stock=5)
     dear = _product(runtime, price=700, stock=2)
-    runtime.coordination.delete(wake_key(HISTORY_QUEUE))
+    runtime.broker.delete(wake_key(HISTORY_QUEUE))
     lines = [{"productId": dear, "quantity": 2}, {"productId": cheap, "quantity": 1}]
     job_id, queue = _submit(runtime, JobKind.ORDER_CREATE, userId=9, orderLines=lines)
 
