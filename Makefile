@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8000
+WORKERS ?= 1
 T ?= tests
 PYTEST_ARGS ?=
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -22,12 +23,18 @@ $(STAMP): setup.cfg pyproject.toml .ci/constraints.txt
 
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
-run: $(STAMP) ## the whole system: embedded PostgreSQL/Redis (unless URLs set), migrations, Procfile
-	$(PY) -m shared.embedded up --persist --banner -- $(BIN)/honcho start -f Procfile -p $(PORT)
+run: $(STAMP) ## the whole system: embedded PostgreSQL/Redis (unless URLs set), migrations, Procfile (WORKERS=K)
+	PORT=$(PORT) $(PY) -m shared.embedded up --persist --banner -- \
+		$(PY) -m shared.supervisor -f Procfile --scale worker=$(WORKERS)
 
-test: $(STAMP) ## lint, schema check and the test suite (T=path to narrow, PYTEST_ARGS=...)
+test: $(STAMP) browser ## lint, schema check and the test suite (T=path to narrow, PYTEST_ARGS=...)
 	$(MAKE) --no-print-directory lint
 	$(PY) -m shared.embedded up --run-dir .run/test -- $(MAKE) --no-print-directory check pytest
+
+# The browser tests (tests/browser.py) render Flower and /docs in Debian's Chromium.
+browser: ## install headless Chromium (Debian's package) if missing
+	@command -v chromium >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
 
 pytest: $(STAMP)
 	$(BIN)/pytest $(T) $(PYTEST_ARGS)
@@ -37,7 +44,7 @@ lint: $(STAMP) ## ruff, ruff format --check, mypy, import contracts, session/sen
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	@! grep -nE '\.(commit|rollback|close|begin)\(' -r shared --include=*.py | grep -v 'shared/embedded.py' \
+	@! grep -nE '\.(commit|rollback|close|begin)\(' -r shared --include=*.py | grep -vE 'shared/(embedded|processes|supervisor)\.py' \
 		|| (echo "shared/ must not commit, roll back, close or begin sessions" && false)
 	@! grep -n 'send_task' -r web shared --include=*.py | grep -v 'web/publish.py' \
 		|| (echo "send_task belongs in web/publish.py (and the worker runtime) only" && false)
@@ -62,4 +69,4 @@ bench: $(STAMP) ## load harness: closed-loop, open-loop and mixed loads beside t
 clean: ## remove .venv and .run
 	rm -rf $(VENV) .run
 
-.PHONY: help install run test pytest lint fmt migrate revision check bench clean
+.PHONY: help install run test browser pytest lint fmt migrate revision check bench clean

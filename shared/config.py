@@ -34,7 +34,10 @@ REDIS_DB_LIMITER = 2
 REDIS_DB_COORDINATION = 3  # coupon sold-out markers (job notifications are pub/sub)
 
 _RATE_LIMIT = re.compile(r"^\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?$", re.IGNORECASE)
-_SECRET_FIELDS = frozenset({"admin_token"})
+_SECRET_FIELDS = frozenset({"admin_token", "flower_basic_auth"})
+_BASIC_AUTH = re.compile(r"^[^:,]+:[^,]+(,[^:,]+:[^,]+)*$")
+# honcho names its processes <type>.<n from 1> (HONCHO_PROCESS_NAME).
+_HONCHO_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(\d+)$")
 
 
 def _redact_url(url: str) -> str:
@@ -72,6 +75,8 @@ class Settings:
     visibility_timeout_seconds: int = 300
     task_time_limit_seconds: int = 120
     # Which partition worker this is (its Celery node name); every worker drains every partition.
+    # Set by the run command's supervisor (0..K-1), or derived from honcho's
+    # HONCHO_PROCESS_NAME (`honcho start -c worker=K`).
     worker_id: int = 0
 
     # HTTP edge.
@@ -100,6 +105,9 @@ class Settings:
 
     log_level: str = "INFO"
 
+    # Flower's HTTP basic auth, ``user:password`` (comma-separated for several).
+    flower_basic_auth: str = ""
+
     def __post_init__(self) -> None:
         if not self.database_url:
             raise ConfigError("DATABASE_URL is required")
@@ -121,6 +129,17 @@ class Settings:
             )
         if self.app_env is AppEnv.PRODUCTION and not self.admin_token:
             raise ConfigError("ADMIN_TOKEN is required when APP_ENV=production")
+        if self.flower_basic_auth and not _BASIC_AUTH.match(self.flower_basic_auth):
+            raise ConfigError("FLOWER_BASIC_AUTH must look like 'user:password'")
+
+    def check_flower(self) -> None:
+        """Flower may run: ``FLOWER_BASIC_AUTH`` is set when ``APP_ENV=production``.
+
+        Checked by Flower's launcher only, so that web and workers do not need (or
+        see) Flower's password.
+        """
+        if self.app_env is AppEnv.PRODUCTION and not self.flower_basic_auth:
+            raise ConfigError("FLOWER_BASIC_AUTH is required when APP_ENV=production")
 
     def __repr__(self) -> str:
         shown = []
@@ -174,6 +193,9 @@ class Settings:
             if name not in env or env[name] == "":
                 continue
             kwargs[f.name] = _convert(name, f.type, env[name])
+        honcho = _HONCHO_NAME.match(env.get("HONCHO_PROCESS_NAME", ""))
+        if "worker_id" not in kwargs and honcho:
+            kwargs["worker_id"] = int(honcho.group(1)) - 1  # `honcho start -c worker=K`
         return cls(**kwargs)  # type: ignore[arg-type]  # fields checked one by one above
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import os
 import pwd
 import secrets
@@ -29,6 +30,8 @@ from pathlib import Path
 from types import FrameType
 
 import psycopg
+
+from shared.processes import AlreadyRunning, cmdline, cwd, die_with_parent, exclusive, is_alive
 
 PG_USER = "postgres"
 PG_DATABASE = "shop"
@@ -162,6 +165,9 @@ class EmbeddedPostgres:
             start_new_session=True,
             user=demote.get("user"),
             group=demote.get("group"),
+            # Fast shutdown when whoever started it dies (even by SIGKILL): no orphan
+            # server keeps the data folder and the port from the next run.
+            preexec_fn=die_with_parent(signal.SIGINT),  # noqa: PLW1509 (see shared.processes)
         )
         admin_url = f"postgresql://{PG_USER}@127.0.0.1:{self.port}/postgres"
         _wait_for(
@@ -175,18 +181,26 @@ class EmbeddedPostgres:
                 conn.execute(f'CREATE DATABASE "{PG_DATABASE}"')
 
     def _remove_stale_pid_file(self) -> None:
-        """SIGKILL leaves postmaster.pid behind; remove it unless its server still lives."""
+        """SIGKILL (or a power loss) leaves ``postmaster.pid`` behind; remove it unless the
+        process it names really is a PostgreSQL on this data folder.
+
+        After a reboot, or just a while, the kernel may give that pid to any other
+        process: being alive says nothing.  PostgreSQL itself refuses to start while
+        the pid is alive, so a stale file must go.
+        """
         pid_file = self.data_dir / "postmaster.pid"
         if not pid_file.exists():
             return
         with contextlib.suppress(ValueError, IndexError):
             pid = int(pid_file.read_text().splitlines()[0])
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                pass
-            else:
+            if is_postmaster_of(pid, self.data_dir):
                 raise RuntimeError(f"a PostgreSQL (pid {pid}) already runs on {self.data_dir}")
+            print(
+                f"shared.embedded: removing a stale {pid_file} (pid {pid} is no PostgreSQL "
+                "on this folder)",
+                file=sys.stderr,
+                flush=True,
+            )
         pid_file.unlink()
 
     def stop(self) -> None:
@@ -203,6 +217,25 @@ class EmbeddedPostgres:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+def is_postmaster_of(pid: int, data_dir: Path) -> bool:
+    """``pid`` is a live ``postgres`` server whose data folder is ``data_dir``.
+
+    Read from ``/proc``: its command line (``postgres -D <data_dir>``, how every
+    server here is started) or, failing that, its working folder (a postmaster
+    runs in its data folder).
+    """
+    if not is_alive(pid):
+        return False
+    argv = cmdline(pid) or []
+    if not argv or Path(argv[0]).name != "postgres":
+        return False
+    data_dir = data_dir.resolve()
+    for flag, value in itertools.pairwise(argv):
+        if flag == "-D":
+            return Path(value).resolve() == data_dir
+    return cwd(pid) == data_dir
 
 
 class EmbeddedRedis:
@@ -248,6 +281,8 @@ class EmbeddedRedis:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # Not daemonized and no --pidfile: nothing is left behind to go stale.
+            preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 (see shared.processes)
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         _wait_for("redis", client.ping, 30, self.proc)
@@ -329,6 +364,9 @@ def _port_from(path: Path) -> int:
     with contextlib.suppress(OSError, ValueError):
         port = int(path.read_text())
         with socket.socket() as sock:
+            # As the servers bind: connections of a killed server in TIME_WAIT do not
+            # make the port look taken.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
         return port
     port = free_port()
@@ -338,8 +376,15 @@ def _port_from(path: Path) -> int:
 
 
 def _run_child(command: list[str], env: dict[str, str]) -> int:
-    """Run the command in the foreground; Ctrl-C reaches it (same process group) and we wait."""
-    child = subprocess.Popen(command, env=env)
+    """Run the command in the foreground; Ctrl-C reaches it (same process group) and we wait.
+
+    It gets SIGTERM if we die, however we die (the servers get their own stop signal).
+    """
+    child = subprocess.Popen(
+        command,
+        env=env,
+        preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 (see shared.processes)
+    )
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -363,10 +408,19 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("a command to run is required after --")
     run_dir: Path = args.run_dir
-    with services(run_dir, persist=args.persist) as env:
+    try:
+        with exclusive(run_dir / "run.lock", "make run (or make test)"):
+            return _up(run_dir, command, persist=args.persist, banner=args.banner)
+    except AlreadyRunning as exc:
+        print(f"shared.embedded: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _up(run_dir: Path, command: list[str], *, persist: bool, banner: bool) -> int:
+    with services(run_dir, persist=persist) as env:
         migrate(env["DATABASE_URL"])
         env["ADMIN_TOKEN"] = admin_token(run_dir)
-        if args.banner:
+        if banner:
             port = env.get("PORT", "8000")
             print(
                 f"\n  shop API   http://127.0.0.1:{port}   (docs: /docs)\n"

@@ -11,6 +11,7 @@ import datetime as dt
 import enum
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -517,3 +518,46 @@ def purge_idempotency_keys(session: Session, older_than: dt.timedelta) -> int:
         .values(idempotency_key=None)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]  # CursorResult of an UPDATE
+
+
+# ---- what operators see of the partitions (GET /v1/admin/partitions) ----------
+
+# Coordination db hash: partition queue -> when a drainer last committed a batch of
+# it (epoch milliseconds).  Kept outside PostgreSQL: written after commit, once per
+# batch, off the batch's transaction.
+LAST_DRAIN_KEY = "partitions:last_drain"
+
+
+def note_drain(broker: redis.Redis | redis.client.Pipeline, queue: str) -> None:
+    """Record (in the broker's database, beside the queues) that a batch of ``queue`` was
+    just committed.  Call after the commit, never inside it; on a pipeline, it rides
+    with the batch's other notes.  Best effort: a lost note only leaves the last drain
+    older than it is."""
+    broker.hset(LAST_DRAIN_KEY, queue, str(int(time.time() * 1000)))
+
+
+def last_drains(flags: redis.Redis) -> dict[str, dt.datetime]:
+    """When each partition was last drained (raises ``redis.RedisError`` if Redis is away)."""
+    raw: dict[bytes, bytes] = flags.hgetall(LAST_DRAIN_KEY)  # type: ignore[assignment]  # sync client
+    return {
+        queue.decode(): dt.datetime.fromtimestamp(int(ms) / 1000, dt.UTC)
+        for queue, ms in raw.items()
+    }
+
+
+@dataclass(frozen=True)
+class Backlog:
+    pending: int
+    oldest_age_ms: int
+
+
+def partition_backlogs(session: Session) -> dict[str, Backlog]:
+    """PENDING jobs of each partition that has any, and the age of its oldest (by the
+    database's clock), in one pass over the partial index of PENDING jobs."""
+    age = func.extract("epoch", func.now() - func.min(Job.created_at)) * 1000
+    rows = session.execute(
+        select(Job.partition, func.count(), age)
+        .where(Job.status == JobStatus.PENDING.value)
+        .group_by(Job.partition)
+    )
+    return {queue: Backlog(int(count), max(int(ms), 0)) for queue, count, ms in rows}

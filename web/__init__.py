@@ -16,14 +16,23 @@ from shared.config import Settings
 from shared.db import make_engine, make_session_factory
 from shared.jobs import document_of, get_finished_jobs
 from shared.top_sellers_cache import TopSellersCache
-from web import coupons, health, jobs, orders, points, products, users
-from web.api import IdConverter
+from web import admin, coupons, health, jobs, orders, points, products, users
+from web.api import IdConverter, install_connection_handling
 from web.errors import register_error_handlers
 from web.publish import Publisher, install_publishing
 from web.session import install_sessions
 from web.waiters import JobWaiters, Recheck
 
-BLUEPRINTS = (points.bp, products.bp, orders.bp, coupons.bp, users.bp, jobs.bp, health.bp)
+BLUEPRINTS = (
+    points.bp,
+    products.bp,
+    orders.bp,
+    coupons.bp,
+    users.bp,
+    jobs.bp,
+    admin.bp,
+    health.bp,
+)
 
 
 def create_app(
@@ -73,6 +82,7 @@ def create_app(
     install_sessions(app)
     register_error_handlers(app)
     health.install_metrics(app)
+    install_connection_handling(app)
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
     return app

@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import hmac
 import json
+import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.routing import BaseConverter
@@ -27,7 +28,12 @@ from shared.domain.errors import ErrorCode
 from web.errors import ApiError, pydantic_details, validation_error
 from web.schemas import MAX_ID
 
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
 V = TypeVar("V", bound=Callable[..., Any])
+
+log = logging.getLogger(__name__)
 
 
 class IdConverter(BaseConverter):
@@ -95,12 +101,72 @@ def _read_body() -> bytes:
                 raise ApiError(
                     413, ErrorCode.PAYLOAD_TOO_LARGE, f"the body may not exceed {limit} bytes"
                 )
+            g.body_read = True
             return raw
-        return request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: 413 (RequestEntityTooLarge)
+        data = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: 413 (RequestEntityTooLarge)
+        g.body_read = True
+        return data
     except (HTTPException, ApiError):
         raise
     except Exception as exc:  # gunicorn's InvalidChunkSize, a client gone mid-body
         raise validation_error([{"field": "", "message": "the body could not be read"}]) from exc
+
+
+def _settle_unread_body(response: Response) -> Response:
+    """After an answer that did not read the request body (a 401, 404, 413 ...).
+
+    Bytes left unread on a kept-alive connection would be parsed as the next
+    request; gunicorn discards at most 64 KiB of them and otherwise closes the
+    connection after having said ``keep-alive``, so a pooled client's next request
+    fails.  A body within the limit is read and dropped here; a larger one (or a
+    chunked one that goes on) is left, and the answer says ``Connection: close``.
+    """
+    if not has_body() or g.get("body_read"):
+        return response
+    limit = settings().max_body_bytes
+    length = request.content_length
+    # The server's own stream: werkzeug's refuses a read at its limit (a 413).
+    stream = request.environ["wsgi.input"]
+    try:
+        if length is not None:
+            if length <= limit:
+                stream.read(length)
+                return response
+        elif len(stream.read(limit + 1)) <= limit:
+            return response  # a chunked body that ended within the limit
+    except Exception:  # the client went away mid-body, a broken chunk
+        log.info("request body could not be drained; closing the connection")
+    response.headers["Connection"] = "close"
+    return response
+
+
+def _honour_connection_close(wsgi_app: WSGIApplication) -> WSGIApplication:
+    """Make the server close the connection when the app answers ``Connection: close``.
+
+    gunicorn drops hop-by-hop headers an application sets (PEP 3333) and decides
+    keep-alive itself; its ``start_response`` is a method of its response object,
+    whose ``force_close()`` makes it answer ``Connection: close`` and close.
+    """
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        def start(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+            if any(k.lower() == "connection" and v.lower() == "close" for k, v in headers):
+                force_close = getattr(
+                    getattr(start_response, "__self__", None), "force_close", None
+                )
+                if callable(force_close):
+                    force_close()
+            return start_response(status, headers, *exc_info)
+
+        return wsgi_app(environ, start)
+
+    return app
+
+
+def install_connection_handling(app: Flask) -> None:
+    """Every answer that leaves a request body unread closes the connection honestly."""
+    app.after_request(_settle_unread_body)
+    app.wsgi_app = _honour_connection_close(app.wsgi_app)  # type: ignore[method-assign,assignment]  # Flask's middleware idiom
 
 
 def read_json_body() -> Any:

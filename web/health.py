@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Literal
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
@@ -14,16 +16,27 @@ from web.api import build_openapi, operation
 from web.render import render
 from web.schemas import Health, Readiness, ReadinessChecks
 
-bp = Blueprint("health", __name__)
+
+def _swagger_ui_dir() -> Path:
+    """Swagger UI's files as the ``flask-swagger-ui`` package ships them (no CDN)."""
+    spec = importlib.util.find_spec("flask_swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("flask-swagger-ui is not installed (pip install -e .)")
+    return Path(next(iter(spec.submodule_search_locations))) / "dist"
+
+
+# /docs renders offline: the page and its assets (/docs/assets/...) come from this app.
+bp = Blueprint("health", __name__, static_folder=_swagger_ui_dir(), static_url_path="/docs/assets")
 
 REQUESTS = Counter("http_requests_total", "HTTP requests", ["method", "endpoint", "status"])
 LATENCY = Histogram("http_request_seconds", "HTTP request latency", ["method", "endpoint"])
 
 _DOCS_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Shop API</title>
-<link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css"></head>
+<html lang="en"><head><meta charset="utf-8"><title>Shop API</title>
+<link rel="icon" type="image/png" href="/docs/assets/favicon-32x32.png">
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>
 <body><div id="ui"></div>
-<script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
 <script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
 </body></html>
 """

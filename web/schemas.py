@@ -359,6 +359,21 @@ class UserCouponList(Out):
     items: list[UserCouponItem]
 
 
+# ---- admin -----------------------------------------------------------------
+
+
+class PartitionStatus(Out):
+    queue: str
+    kind: Literal["user", "product", "coupon"]
+    pending: int
+    oldest_pending_age_ms: int | None
+    last_drain_at: Timestamp | None
+
+
+class PartitionList(Out):
+    items: list[PartitionStatus]
+
+
 # ---- operations -----------------------------------------------------------
 
 

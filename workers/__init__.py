@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import Exchange, Queue
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.broker import TRANSPORT as BROKER_TRANSPORT
 from shared.config import Settings
 from shared.jobs import DRAIN_TASK, HISTORY_TASK, task_for_queue
+from shared.partitions import HISTORY_QUEUE, all_partition_queues
 from workers.base import RetryLater, Runtime, drain_partition
 
 MAINTENANCE_QUEUE = "maintenance"
@@ -53,6 +55,21 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # them on when it connects (enable_events), so operators still see tasks.
         worker_send_task_events=False,
         worker_hijack_root_logger=False,
+        # Every queue, declared: Flower's Broker tab lists these (with their backlogs)
+        # when it has no worker's active_queues, and a task sent without a queue goes
+        # to one that is consumed rather than to an unconsumed "celery".  Each has its
+        # own exchange and key, as Celery makes for an undeclared queue: a bare
+        # Queue(name) would be bound to the default exchange and key, and a message
+        # published through them would reach every queue.
+        task_queues=[
+            Queue(name, Exchange(name, type="direct"), routing_key=name)
+            for name in [
+                *all_partition_queues(settings.partitions),
+                HISTORY_QUEUE,
+                MAINTENANCE_QUEUE,
+            ]
+        ],
+        task_default_queue=MAINTENANCE_QUEUE,
         beat_schedule={
             "sweep-pending-jobs": {
                 "task": SWEEP_TASK,

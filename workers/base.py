@@ -56,6 +56,7 @@ from shared.jobs import (
     get_job,
     lock_pending_batch,
     lock_pending_job,
+    note_drain,
     wake_key,
     wake_partition,
 )
@@ -74,6 +75,8 @@ class Effects:
     # read once before commit: marked pending then, stored in the cache after.
     committed_products: dict[int, tuple[dict[str, Any], int]] = field(default_factory=dict)
     history: bool = False
+    # The partition a batch of jobs was committed for (its lastDrainAt), if any.
+    drained: str | None = None
     # Keyed, so that an action wanted by many jobs of a batch runs once.
     later: dict[str, Callable[[Runtime], None]] = field(default_factory=dict)
 
@@ -279,6 +282,8 @@ def apply_next_batch(rt: Runtime, queue: str) -> int:
         effects = Effects()
         for job_id in job_ids:
             _apply_alone(rt, queue, job_id, effects)
+    if job_ids:
+        effects.drained = queue  # lastDrainAt of GET /v1/admin/partitions
     after_commit(rt, effects)
     return len(job_ids)
 
@@ -334,11 +339,13 @@ def after_commit(rt: Runtime, effects: Effects) -> None:
             action(rt)
         except Exception:
             log.exception("post-commit action failed")
-    if not effects.finished and not effects.history:
+    if not effects.finished and not effects.history and not effects.drained:
         return
     try:
         # Pub/sub ignores logical databases: the broker's client publishes too.
         pipe = rt.broker.pipeline(transaction=False)
+        if effects.drained:
+            note_drain(pipe, effects.drained)
         if effects.finished:
             documents = {str(o.job.id): o.document() for o in effects.finished}
             pipe.publish(FINISHED_CHANNEL, json.dumps(documents))

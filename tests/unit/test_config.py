@@ -129,3 +129,41 @@ def test_repr_masks_the_token_and_url_passwords() -> None:
     # Masking is display only.
     assert settings.admin_token == "admin-secret-token"
     assert settings.database_url == URL
+
+
+@pytest.mark.parametrize(
+    ("environ", "worker_id"),
+    [
+        ({}, 0),
+        ({"WORKER_ID": "2"}, 2),  # the run command's supervisor
+        ({"HONCHO_PROCESS_NAME": "worker.3"}, 2),  # `honcho start -c worker=3`, third one
+        ({"HONCHO_PROCESS_NAME": "worker.3", "WORKER_ID": "0"}, 0),
+        ({"HONCHO_PROCESS_NAME": "worker"}, 0),
+    ],
+)
+def test_worker_id_comes_from_the_supervisor_or_honcho(
+    environ: dict[str, str], worker_id: int
+) -> None:
+    assert Settings.from_env({"DATABASE_URL": URL, **environ}).worker_id == worker_id
+
+
+def test_a_negative_worker_id_is_refused() -> None:
+    with pytest.raises(ConfigError, match="WORKER_ID"):
+        Settings.from_env({"DATABASE_URL": URL, "WORKER_ID": "-1"})
+
+
+@pytest.mark.parametrize("auth", ["nocolon", ":pw", "user:", "a:b,", "a:b,c"])
+def test_malformed_flower_basic_auth_is_refused(auth: str) -> None:
+    with pytest.raises(ConfigError, match="FLOWER_BASIC_AUTH"):
+        Settings.from_env({"DATABASE_URL": URL, "FLOWER_BASIC_AUTH": auth})
+
+
+def test_flower_needs_basic_auth_in_production_only() -> None:
+    production = {"DATABASE_URL": URL, "APP_ENV": "production", "ADMIN_TOKEN": "t"}
+    with pytest.raises(ConfigError, match="FLOWER_BASIC_AUTH is required"):
+        Settings.from_env(production).check_flower()
+    Settings.from_env({"DATABASE_URL": URL}).check_flower()
+    settings = Settings.from_env(production | {"FLOWER_BASIC_AUTH": "ops:s3cret:x,two:pw"})
+    settings.check_flower()
+    assert "s3cret" not in repr(settings)
+    assert "flower_basic_auth='***'" in repr(settings)
