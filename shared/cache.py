@@ -185,12 +185,24 @@ class ProductCache:
         page: dict[str, Any] = json.loads(raw)
         return page
 
-    def put_listing(self, generation: int, query_key: str, page: dict[str, Any]) -> None:
+    def put_listing(
+        self,
+        generation: int,
+        query_key: str,
+        page: dict[str, Any],
+        *,
+        ttl_seconds: float | None = None,
+    ) -> None:
+        """Keep a listing page for this generation (``ttl_seconds``: less than the cache's
+        lifetime, e.g. for a page read from a replica, good only while its lag allows)."""
+        ttl_ms = int((self._ttl if ttl_seconds is None else min(ttl_seconds, self._ttl)) * 1000)
+        if ttl_ms <= 0:
+            return
         try:
             self._client.set(
                 f"products:list:{generation}:{query_key}",
                 json.dumps(page, separators=(",", ":")),
-                ex=self._ttl,
+                px=ttl_ms,
             )
         except redis.RedisError as exc:
             self._failed(exc)

@@ -60,7 +60,15 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     app_env: AppEnv = AppEnv.DEVELOPMENT
     admin_token: str = ""
+    # Read replicas (streaming standbys of DATABASE_URL), comma-separated; the single
+    # DATABASE_REPLICA_URL is an alias (both may be given: every URL counts once).
+    database_replica_urls: str = ""
     database_replica_url: str | None = None
+    # A replica serves a read only while it has replayed every commit older than this
+    # (and the read's own bound: API.md's 1 s for listings); measured, not per request,
+    # every REPLICA_CHECK_INTERVAL_MS.
+    replica_max_lag_ms: int = 1000
+    replica_check_interval_ms: int = 500
 
     # Queue partitioning and the worker's batching (ARCHITECTURE rules 1 and 6).
     partitions: int = 16
@@ -123,6 +131,7 @@ class Settings:
             raise ConfigError("ORDER_PAYMENT_TIMEOUT_SECONDS must be at least 1")
         if not 1 <= self.top_sellers_cache_seconds <= 60:
             raise ConfigError("TOP_SELLERS_CACHE_SECONDS must be in 1..60")
+        self._check_replicas()
         if self.rate_limit.lower() != "off" and not _RATE_LIMIT.match(self.rate_limit):
             raise ConfigError(
                 f"RATE_LIMIT must look like '200/second' or 'off', not {self.rate_limit!r}"
@@ -131,6 +140,15 @@ class Settings:
             raise ConfigError("ADMIN_TOKEN is required when APP_ENV=production")
         if self.flower_basic_auth and not _BASIC_AUTH.match(self.flower_basic_auth):
             raise ConfigError("FLOWER_BASIC_AUTH must look like 'user:password'")
+
+    def _check_replicas(self) -> None:
+        if self.replica_max_lag_ms < 0:
+            raise ConfigError("REPLICA_MAX_LAG_MS must not be negative")
+        if not 50 <= self.replica_check_interval_ms <= 60_000:
+            raise ConfigError("REPLICA_CHECK_INTERVAL_MS must be in 50..60000")
+        for url in self.replica_urls:
+            if "://" not in url:
+                raise ConfigError(f"DATABASE_REPLICA_URLS holds {_redact_url(url)!r}, not a URL")
 
     def check_flower(self) -> None:
         """Flower may run: ``FLOWER_BASIC_AUTH`` is set when ``APP_ENV=production``.
@@ -150,13 +168,20 @@ class Settings:
             if f.name in _SECRET_FIELDS and value:
                 value = "***"
             elif isinstance(value, str) and "://" in value:
-                value = _redact_url(value)
+                value = ",".join(_redact_url(part) for part in value.split(","))
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
 
     @property
     def rate_limit_enabled(self) -> bool:
         return self.rate_limit.lower() != "off"
+
+    @property
+    def replica_urls(self) -> list[str]:
+        """Every replica URL of DATABASE_REPLICA_URLS and DATABASE_REPLICA_URL, once each."""
+        given = [u.strip() for u in self.database_replica_urls.split(",")]
+        given.append((self.database_replica_url or "").strip())
+        return list(dict.fromkeys(u for u in given if u))
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -50,5 +50,24 @@ def make_engine(
     )
 
 
+def make_probe_engine(settings: Settings, url: str, name: str) -> Engine:
+    """One autocommit connection to ``url`` for a periodic probe (the replica lag check),
+    apart from the request pools, with a short statement timeout: a server that hangs
+    stalls the probe, never a request.  ``name`` goes into ``application_name``."""
+    return create_engine(
+        url,
+        isolation_level="AUTOCOMMIT",
+        pool_size=1,
+        max_overflow=0,
+        pool_pre_ping=False,
+        pool_recycle=1800,
+        connect_args={
+            "connect_timeout": settings.db_connect_timeout_seconds,
+            "options": "-c statement_timeout=1000 -c timezone=UTC",
+            "application_name": f"shop-{settings.app_env.value}-{name}",
+        },
+    )
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)

@@ -65,6 +65,24 @@ class Product(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
 
 
+class ProductTotal(Base):
+    """How many products there are, kept by statement triggers on ``products`` (the
+    migration creates them): an unfiltered listing's ``total`` without counting the table.
+
+    One row (``id = 1``); every INSERT statement adds its rows' count, every DELETE takes
+    them off, TRUNCATE sets 0, in the transaction that changed ``products`` (so it is
+    exact in every snapshot, a replica's included)."""
+
+    __tablename__ = "product_totals"
+    __table_args__ = (
+        CheckConstraint("id = 1", name="one_row"),
+        CheckConstraint("products >= 0", name="products_non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    products: Mapped[int] = mapped_column(BigInteger)
+
+
 class Order(Base):
     __tablename__ = "orders"
     __table_args__ = (
@@ -111,17 +129,46 @@ class OrderLine(Base):
     unit_price: Mapped[int] = mapped_column(BigInteger)
 
 
+# The history tables are partitioned by month of ``created_at`` (range partitions
+# ``<table>_pYYYYMM`` and a ``<table>_default`` catch-all; ``shared.table_partitions``
+# creates them ahead, the migration created the first ones).  A partitioned table's
+# primary key and unique keys must contain the partition key, so the keys that have to
+# hold across partitions live in small unpartitioned guard tables, filled by a BEFORE
+# INSERT trigger on the history table (the migration creates the triggers): the schema
+# refuses a duplicate whichever code inserts it.
+PARTITIONED_BY_MONTH = {"postgresql_partition_by": "RANGE (created_at)"}
+
+
 class OrderHistory(Base):
     __tablename__ = "order_histories"
     __table_args__ = (
-        UniqueConstraint("order_id", "status"),
-        Index("ix_order_histories_order_id", "order_id"),
+        # Unique within a partition only (it must contain created_at): one state of one
+        # order at one time.  Also the index of the reads by order_id.  The key that holds
+        # across partitions is ``order_history_keys``.
+        UniqueConstraint(
+            "order_id", "status", "created_at", name="uq_order_histories_order_id_status"
+        ),
+        PARTITIONED_BY_MONTH,
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     order_id: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(20))
-    created_at: Mapped[dt.datetime] = mapped_column()
+    # The outbox row's created_at: when the state was entered (also the partition key).
+    created_at: Mapped[dt.datetime] = mapped_column(primary_key=True)
+
+
+class OrderHistoryKey(Base):
+    """One row per ``(order_id, status)`` ever recorded in ``order_histories``: every
+    state an order enters gets exactly one history row, across partitions (rule 4).
+
+    Written only by the trigger ``order_histories_key`` (a duplicate raises on
+    ``pk_order_history_keys``)."""
+
+    __tablename__ = "order_history_keys"
+
+    order_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    status: Mapped[str] = mapped_column(String(20), primary_key=True)
 
 
 class Outbox(Base):
@@ -164,6 +211,7 @@ class PointHistory(Base):
         Index("ix_point_histories_user_id_id", "user_id", "id"),
         Index("ix_point_histories_created_at", "created_at"),
         CheckConstraint("(type = 'PAYMENT') = (order_id IS NOT NULL)", name="payment_has_order"),
+        PARTITIONED_BY_MONTH,
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -171,11 +219,29 @@ class PointHistory(Base):
     type: Mapped[str] = mapped_column(String(10))
     amount: Mapped[int] = mapped_column(BigInteger)
     balance_after: Mapped[int] = mapped_column(BigInteger)
-    # One history row per applied job, even if a job were ever applied twice.
+    # One history row per applied job, and one PAYMENT row per order: both kept across
+    # partitions by ``point_history_keys``.
+    job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    # The order a PAYMENT paid.
+    order_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW, primary_key=True)
+
+
+class PointHistoryKey(Base):
+    """The keys of ``point_histories`` that must hold across its partitions.
+
+    Written only by the trigger ``point_histories_keys``, for each history row that has
+    a job or an order: ``uq_point_history_keys_job_id``, one history row per applied job
+    even if a job were ever applied twice; ``uq_point_history_keys_order_id``, one debit
+    (PAYMENT row) per order.  Either refusal rolls back the statement that inserted the
+    history row, and with it the batch that would have applied the change twice.
+    """
+
+    __tablename__ = "point_history_keys"
+
+    history_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), unique=True)
-    # The order a PAYMENT paid; unique: an order is debited at most once.
     order_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
-    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
 
 
 class Coupon(Base):

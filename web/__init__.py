@@ -12,9 +12,10 @@ from flask_limiter.util import get_remote_address
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.cache import ProductCache, make_redis
-from shared.config import Settings
-from shared.db import make_engine, make_session_factory
+from shared.config import Settings, to_sqlalchemy_url
+from shared.db import make_engine, make_probe_engine, make_session_factory
 from shared.jobs import document_of, get_finished_jobs
+from shared.replicas import Replica, ReplicaSet
 from shared.top_sellers_cache import TopSellersCache
 from web import admin, coupons, health, jobs, orders, points, products, users
 from web.api import IdConverter, install_connection_handling
@@ -63,9 +64,11 @@ def create_app(
         # is found, and the pool renewed, whichever path meets it first.
         app.extensions["autocommit_engine"] = engine.execution_options(isolation_level="AUTOCOMMIT")
         recheck = finished_documents(session_factory)
-        if settings.database_replica_url:
-            replica = make_engine(settings, url=settings.database_replica_url, pre_ping=False)
-            app.extensions["replica_session_factory"] = make_session_factory(replica)
+        app.extensions["primary_read_factory"] = make_session_factory(
+            app.extensions["autocommit_engine"]
+        )
+        if settings.replica_urls:
+            app.extensions["replicas"] = start_replicas(settings)
     app.extensions["session_factory"] = session_factory
 
     cache_client = make_redis(settings.cache_url, timeout=0.25)
@@ -86,6 +89,31 @@ def create_app(
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
     return app
+
+
+def start_replicas(settings: Settings) -> ReplicaSet:
+    """An engine per replica (autocommit: a lagging read is one statement or two) and the
+    lag checker, running in this process (a greenlet under gevent)."""
+    replicas = [
+        Replica(
+            name=f"replica{i}",
+            sessions=make_session_factory(
+                make_engine(settings, url=to_sqlalchemy_url(url), pre_ping=False).execution_options(
+                    isolation_level="AUTOCOMMIT"
+                )
+            ),
+            probe=make_probe_engine(settings, to_sqlalchemy_url(url), f"replica-check{i}"),
+        )
+        for i, url in enumerate(settings.replica_urls)
+    ]
+    replica_set = ReplicaSet(
+        make_probe_engine(settings, settings.sqlalchemy_url, "replica-check"),
+        replicas,
+        max_lag=settings.replica_max_lag_ms / 1000,
+        interval=settings.replica_check_interval_ms / 1000,
+    )
+    replica_set.start()
+    return replica_set
 
 
 def finished_documents(factory: sessionmaker[Session]) -> Recheck:

@@ -10,7 +10,7 @@ from web.api import operation, query_or_body
 from web.publish import accept_job
 from web.render import coupon_view, render
 from web.schemas import CouponCreate, CouponView, IssueBody, IssueQuery, JobAccepted
-from web.session import db_session, read_session
+from web.session import db_session, primary_read_session
 
 bp = Blueprint("coupons", __name__, url_prefix="/v1/coupons")
 
@@ -45,7 +45,7 @@ def post_coupon(body: CouponCreate) -> Response:
     responses={200: CouponView},
 )
 def get_coupon_by_id(coupon_id: int) -> Response:
-    return render(coupon_view(get_coupon(read_session(), coupon_id)))
+    return render(coupon_view(get_coupon(primary_read_session(), coupon_id)))
 
 
 @operation(

@@ -28,7 +28,7 @@ from web.schemas import (
     PaymentBody,
     StatusQuery,
 )
-from web.session import db_session, read_session
+from web.session import ORDER_HISTORY_MAX_LAG, db_session, lagging_read, primary_read_session
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def post_payment(order_id: int, body: PaymentBody) -> Response:
     headers={200: {"ETag": "the order's version, quoted"}},
 )
 def get_order_by_id(order_id: int) -> Response:
-    order, lines = get_order(read_session(), order_id)
+    order, lines = get_order(primary_read_session(), order_id)
     return render(order_view(order, lines), headers={"ETag": f'"{order.version}"'})
 
 
@@ -149,6 +149,8 @@ def _after_status_change(restocked: list[int]) -> None:
     responses={200: OrderHistoryList},
 )
 def get_order_histories(order_id: int) -> Response:
-    rows = list_order_histories(read_session(), order_id)
+    rows, _ = lagging_read(
+        lambda s: list_order_histories(s, order_id), max_lag=ORDER_HISTORY_MAX_LAG
+    )
     items = [OrderHistoryItem(status=r.status, created_at=rfc3339(r.created_at)) for r in rows]
     return render(OrderHistoryList(items=items))

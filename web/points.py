@@ -11,7 +11,7 @@ from web.api import operation
 from web.publish import accept_job
 from web.render import render
 from web.schemas import BalanceView, JobAccepted, Page, PageQuery, PointHistoryItem, PointsRequest
-from web.session import read_session
+from web.session import primary_read_session
 
 bp = Blueprint("points", __name__, url_prefix="/v1/points")
 
@@ -52,7 +52,7 @@ def post_use(body: PointsRequest) -> Response:
     responses={200: BalanceView},
 )
 def get_points(user_id: int) -> Response:
-    balance = get_balance(read_session(), user_id)
+    balance = get_balance(primary_read_session(), user_id)
     return render(BalanceView(user_id=balance.user_id, amount=balance.amount))
 
 
@@ -65,7 +65,9 @@ def get_points(user_id: int) -> Response:
     responses={200: Page[PointHistoryItem]},
 )
 def get_point_histories(user_id: int, query: PageQuery) -> Response:
-    rows, total = list_point_histories(read_session(), user_id, page=query.page, size=query.size)
+    rows, total = list_point_histories(
+        primary_read_session(), user_id, page=query.page, size=query.size
+    )
     items = [
         PointHistoryItem(
             type=r.type,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 
 from flask import Blueprint, Response, current_app, jsonify
 
 from shared.cache import ProductCache
+from shared.config import Settings
 from shared.domain.products import (
     ProductQuery,
     ProductSort,
@@ -32,7 +35,7 @@ from web.schemas import (
     TopSellersQuery,
     TopSellersView,
 )
-from web.session import db_session, read_session
+from web.session import LISTINGS_MAX_LAG, db_session, lagging_read, primary_read_session
 
 bp = Blueprint("products", __name__, url_prefix="/v1/products")
 
@@ -80,7 +83,18 @@ def get_top_products(query: TopSellersQuery) -> Response:
     if cached is not None:
         ranking = TopSellersView.model_validate(cached)
     else:
-        ranking = top_sellers_ranking(top_sellers(read_session(), days=query.days, limit=MAX_TOP))
+        # A replica may compute it if its data plus the cache's lifetime stay within
+        # API.md's 60 s; generatedAt is then as old as the data it was computed from.
+        settings: Settings = current_app.extensions["settings"]
+        top, behind = lagging_read(
+            lambda s: top_sellers(s, days=query.days, limit=MAX_TOP),
+            max_lag=max(0.0, 60.0 - settings.top_sellers_cache_seconds),
+        )
+        if behind:
+            top = dataclasses.replace(
+                top, generated_at=top.generated_at - dt.timedelta(seconds=behind)
+            )
+        ranking = top_sellers_ranking(top)
         cache.put(query.days, ranking.model_dump(mode="json", by_alias=True))
     # ``limit`` takes a prefix of the top MAX_TOP computed (and cached) per ``days``.
     return render(ranking.model_copy(update={"items": ranking.items[: query.limit]}))
@@ -97,7 +111,9 @@ def get_product_by_id(product_id: int) -> Response:
     cached = _cache().get_product(product_id)
     if cached is not None:
         return jsonify(cached)
-    product = get_product(read_session(), product_id)
+    # A miss reads the primary: the entry it fills must be the committed product (a
+    # replica could put an older version back after its writer's refresh was lost).
+    product = get_product(primary_read_session(), product_id)
     document = product_document(product)
     _cache().put_product(document, product.version)
     return jsonify(document)
@@ -119,27 +135,30 @@ def get_products(query: ProductListQuery) -> Response:
         cached = cache.get_listing(generation, key)
         if cached is not None:
             return jsonify(cached)
-    rows, total = list_products(
-        read_session(),
-        ProductQuery(
-            name=query.name or None,
-            min_price=query.min_price,
-            max_price=query.max_price,
-            in_stock=query.in_stock,
-            sort=ProductSort(query.sort),
-            descending=query.order == "desc",
-            page=query.page,
-            size=query.size,
-        ),
+    product_query = ProductQuery(
+        name=query.name or None,
+        min_price=query.min_price,
+        max_price=query.max_price,
+        in_stock=query.in_stock,
+        sort=ProductSort(query.sort),
+        descending=query.order == "desc",
+        page=query.page,
+        size=query.size,
+    )
+    (rows, total), behind = lagging_read(
+        lambda s: list_products(s, product_query), max_lag=LISTINGS_MAX_LAG
     )
     body = {
-        "items": [product_document(p) for p in rows],
+        "items": [p.document() for p in rows],
         "page": query.page,
         "size": query.size,
         "total": total,
     }
     if generation is not None:
-        cache.put_listing(generation, key, body)
+        # A page read from a replica is kept only while its data is within the 1 s that
+        # listings may lag; one from the primary until the next change (generation).
+        ttl = LISTINGS_MAX_LAG - behind if behind else None
+        cache.put_listing(generation, key, body, ttl_seconds=ttl)
     return jsonify(body)
 
 

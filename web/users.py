@@ -8,7 +8,7 @@ from shared.domain.coupons import list_user_coupons
 from web.api import operation
 from web.render import render, user_coupon_item
 from web.schemas import UserCouponList
-from web.session import read_session
+from web.session import primary_read_session
 
 bp = Blueprint("users", __name__, url_prefix="/v1/users")
 
@@ -21,5 +21,5 @@ bp = Blueprint("users", __name__, url_prefix="/v1/users")
     responses={200: UserCouponList},
 )
 def get_user_coupons(user_id: int) -> Response:
-    rows = list_user_coupons(read_session(), user_id)
+    rows = list_user_coupons(primary_read_session(), user_id)
     return render(UserCouponList(items=[user_coupon_item(uc, c) for uc, c in rows]))

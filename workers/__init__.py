@@ -23,6 +23,7 @@ SWEEP_TASK = "maintenance.sweep"
 RELAY_TASK = "maintenance.relay_outbox"
 PURGE_TASK = "maintenance.purge_idempotency_keys"
 EXPIRE_TASK = "maintenance.expire_unpaid_orders"
+PARTITIONS_TASK = "maintenance.create_history_partitions"
 
 # Wake-ups are cheap and idempotent; a transient failure (database away) is retried
 # with backoff, and past the bound the sweeper wakes the partition again.
@@ -90,6 +91,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "schedule": 1.0,
                 "options": {"queue": MAINTENANCE_QUEUE, "expires": 2.0},
             },
+            # Months ahead of the rows that need them (shared.table_partitions); hourly,
+            # so a beat that was away makes them up within the hour.
+            "create-history-partitions": {
+                "task": PARTITIONS_TASK,
+                "schedule": 3600.0,
+                "options": {"queue": MAINTENANCE_QUEUE, "expires": 600.0},
+            },
             "purge-idempotency-keys": {
                 "task": PURGE_TASK,
                 "schedule": 3600.0,
@@ -130,6 +138,10 @@ def _register_tasks(app: Celery, runtime: Runtime) -> None:
     @app.task(name=EXPIRE_TASK, ignore_result=True)
     def expire() -> int:
         return beat.expire_unpaid_orders(runtime)
+
+    @app.task(name=PARTITIONS_TASK, ignore_result=True)
+    def create_partitions() -> list[str]:
+        return beat.create_history_partitions(runtime)
 
     @app.task(name=PURGE_TASK, ignore_result=True)
     def purge() -> int:

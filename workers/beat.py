@@ -1,5 +1,5 @@
 """Periodic jobs run by beat: the sweeper, the outbox relay, the idempotency purge,
-the expiry of unpaid orders."""
+the expiry of unpaid orders, the history tables' monthly partitions."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from shared.domain.orders import expire_order, list_expired_orders
 from shared.domain.products import get_products, product_document
 from shared.jobs import purge_idempotency_keys, stale_partitions
 from shared.partitions import HISTORY_QUEUE
+from shared.table_partitions import ensure_month_partitions
 from workers.base import Effects, Runtime, after_commit
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,16 @@ def purge_expired_idempotency_keys(rt: Runtime) -> int:
         return purge_idempotency_keys(
             session, dt.timedelta(seconds=rt.settings.idempotency_ttl_seconds)
         )
+
+
+def create_history_partitions(rt: Runtime) -> list[str]:
+    """This month's and the next months' partitions of the history tables, where missing
+    (``shared.table_partitions``); returns the partitions created."""
+    with rt.session_factory() as session, session.begin():
+        created = ensure_month_partitions(session)
+    if created:
+        log.info("history partitions created: %s", created)
+    return created
 
 
 # Orders expired per run; the next run (a second later) takes the rest.

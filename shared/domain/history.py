@@ -10,7 +10,10 @@ from sqlalchemy.orm import Session
 from shared.models import Outbox
 
 # One statement: mark the oldest undelivered rows delivered and insert their history
-# rows (in outbox order), answering how many were delivered.
+# rows (in outbox order), answering how many were delivered.  A state already recorded
+# (a redelivery, or a duplicated outbox row) is left out; the trigger on
+# order_histories refuses it anyway (pk_order_history_keys), whichever partition
+# holds the first row.
 _DELIVER = text(
     """
     WITH delivered AS (
@@ -20,10 +23,17 @@ _DELIVER = text(
             ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
         )
         RETURNING id, order_id, status, created_at
+    ), fresh AS (
+        SELECT DISTINCT ON (d.order_id, d.status) d.id, d.order_id, d.status, d.created_at
+        FROM delivered d
+        WHERE NOT EXISTS (
+            SELECT 1 FROM order_history_keys k
+            WHERE k.order_id = d.order_id AND k.status = d.status
+        )
+        ORDER BY d.order_id, d.status, d.id
     ), recorded AS (
         INSERT INTO order_histories (order_id, status, created_at)
-        SELECT order_id, status, created_at FROM delivered ORDER BY id
-        ON CONFLICT ON CONSTRAINT uq_order_histories_order_id_status DO NOTHING
+        SELECT order_id, status, created_at FROM fresh ORDER BY id
     )
     SELECT count(*) FROM delivered
     """
@@ -33,8 +43,9 @@ _DELIVER = text(
 def record_histories_from_outbox(session: Session, limit: int) -> int:
     """Turn up to ``limit`` undelivered outbox rows into ``order_histories``, oldest first.
 
-    Idempotent: ``uq_order_histories_order_id_status`` makes a second delivery a
-    no-op, and ``FOR UPDATE SKIP LOCKED`` lets two listeners share the outbox.
+    Idempotent: a state already in ``order_history_keys`` (one row per order and
+    state, across the monthly partitions) is not inserted again, and
+    ``FOR UPDATE SKIP LOCKED`` lets two listeners share the outbox.
     Returns how many outbox rows were delivered.
     """
     return int(session.execute(_DELIVER, {"limit": limit}).scalar_one())

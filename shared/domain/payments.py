@@ -12,7 +12,7 @@ database does (ARCHITECTURE rule 2):
   first wins, and the others see the order it left;
 * each paid order is moved by one conditional UPDATE checking its state, version
   and expiry; each coupon is used by one conditional UPDATE ``WHERE used_at IS
-  NULL``; ``uq_point_histories_order_id`` allows one debit per order,
+  NULL``; ``uq_point_history_keys_order_id`` allows one debit per order,
   ``uq_user_coupons_order_id`` one coupon per order, ``ck_orders_payment_adds_up``
   a payment that adds up, ``ck_points_balance_non_negative`` no overdraft.
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Table, bindparam, func, select, update
+from sqlalchemy import Select, Table, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -199,6 +199,21 @@ def get_balance(session: Session, user_id: int) -> Balance:
     return Balance(user_id, balance or 0)
 
 
+def point_histories_query(user_id: int, *, page: int, size: int) -> Select[PointHistory]:
+    """One page of the user's point changes, newest (highest id) first.
+
+    ``point_histories`` is partitioned by month of ``created_at`` and a user's rows
+    have no bound in time: each partition's ``(user_id, id)`` index is read backwards
+    and merged (MergeAppend), stopping once the page is full."""
+    return (
+        select(PointHistory)
+        .where(PointHistory.user_id == user_id)
+        .order_by(PointHistory.id.desc())
+        .offset((page - 1) * size)
+        .limit(size)
+    )
+
+
 def list_point_histories(
     session: Session, user_id: int, *, page: int, size: int
 ) -> tuple[list[PointHistory], int]:
@@ -206,11 +221,5 @@ def list_point_histories(
     total = session.execute(
         select(func.count()).select_from(PointHistory).where(PointHistory.user_id == user_id)
     ).scalar_one()
-    rows = session.execute(
-        select(PointHistory)
-        .where(PointHistory.user_id == user_id)
-        .order_by(PointHistory.id.desc())
-        .offset((page - 1) * size)
-        .limit(size)
-    ).scalars()
+    rows = session.execute(point_histories_query(user_id, page=page, size=size)).scalars()
     return list(rows), int(total)

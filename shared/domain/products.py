@@ -13,7 +13,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from shared.domain.errors import NotFound
 from shared.formats import rfc3339
-from shared.models import Product
+from shared.models import Product, ProductTotal
 
 
 class ProductSort(enum.StrEnum):
@@ -71,8 +71,20 @@ def get_product(session: Session, product_id: int) -> Product:
     return product
 
 
-def list_products(session: Session, query: ProductQuery) -> tuple[list[Product], int]:
-    """One page of products matching ``query``, ties broken by id, and the total count."""
+# A filtered listing's total is counted exactly up to this many matches; past it, the
+# planner's estimate (at least this many + 1) stands in for a count of every match.
+EXACT_TOTAL_LIMIT = 10_000
+
+
+def list_products(session: Session, query: ProductQuery) -> tuple[list[ProductRow], int]:
+    """One page of products matching ``query``, ties broken by id, and the total.
+
+    The total of an unfiltered listing is ``product_totals`` (kept by triggers: one row
+    read, exact); a filtered one is counted up to ``EXACT_TOTAL_LIMIT`` matches, past
+    which it is the planner's estimate (never below what the pages show).  A
+    case-insensitive ``name`` search uses the trigram index where ``pg_trgm`` gave one
+    (the migration creates it when the server has the extension), else it scans.
+    """
     conditions: list[ColumnElement[bool]] = []
     if query.name:
         pattern = (
@@ -88,22 +100,49 @@ def list_products(session: Session, query: ProductQuery) -> tuple[list[Product],
     elif query.in_stock is False:
         conditions.append(Product.stock == 0)
 
-    total = session.execute(
-        select(func.count()).select_from(Product).where(*conditions)
-    ).scalar_one()
     column = _SORT_COLUMNS[query.sort]
     columns: list[InstrumentedAttribute[Any]] = (
         [column] if column is Product.id else [column, Product.id]
     )
     order = [c.desc() if query.descending else c.asc() for c in columns]  # ties broken by id
-    rows = session.execute(
-        select(Product)
-        .where(*conditions)
-        .order_by(*order)
-        .offset((query.page - 1) * query.size)
-        .limit(query.size)
-    ).scalars()
-    return list(rows), int(total)
+    offset = (query.page - 1) * query.size
+    rows = [
+        ProductRow(*row)
+        for row in session.execute(
+            select(*PRODUCT_COLUMNS)
+            .where(*conditions)
+            .order_by(*order)
+            .offset(offset)
+            .limit(query.size)
+        )
+    ]
+    if not conditions:
+        total = session.execute(
+            select(ProductTotal.products).where(ProductTotal.id == 1)
+        ).scalar_one()
+    elif 0 < len(rows) < query.size:
+        total = offset + len(rows)  # the last page: every match is behind or on it
+    else:
+        total = _bounded_total(session, conditions)
+    # An estimate never says fewer than the pages already show.
+    return rows, max(int(total), offset + len(rows)) if rows else int(total)
+
+
+def _bounded_total(session: Session, conditions: list[ColumnElement[bool]]) -> int:
+    """The number of products matching ``conditions``, exact up to ``EXACT_TOTAL_LIMIT``;
+    past it the planner's estimate of the matches (at least the limit + 1)."""
+    matches = select(Product.id).where(*conditions)
+    counted = session.execute(
+        select(func.count()).select_from(matches.limit(EXACT_TOTAL_LIMIT + 1).subquery())
+    ).scalar_one()
+    if counted <= EXACT_TOTAL_LIMIT:
+        return int(counted)
+    connection = session.connection()
+    compiled = matches.compile(connection)
+    (plan,) = connection.exec_driver_sql(
+        f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params
+    ).scalar_one()
+    return max(int(plan["Plan"]["Plan Rows"]), EXACT_TOTAL_LIMIT + 1)
 
 
 _products = cast(Table, Product.__table__)

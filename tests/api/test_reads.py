@@ -179,8 +179,9 @@ def test_a_paid_order_shows_its_payment_and_no_expiry(client: FlaskClient) -> No
 
 
 def test_order_histories_in_the_order_entered(client: FlaskClient) -> None:
-    order = OrderFactory(status=OrderStatus.COMPLETED.value, version=3)
     start = dt.datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=dt.UTC)
+    # An order's states are entered from its creation on (the read skips earlier months).
+    order = OrderFactory(status=OrderStatus.COMPLETED.value, version=3, created_at=start)
     for n, status in enumerate(
         [OrderStatus.READY, OrderStatus.PAYMENT_READY, OrderStatus.COMPLETED]
     ):

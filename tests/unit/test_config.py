@@ -97,6 +97,9 @@ def test_good_rate_limits_are_taken(limit: str) -> None:
         ({"ORDER_PAYMENT_TIMEOUT_SECONDS": "0"}, "ORDER_PAYMENT_TIMEOUT_SECONDS"),
         ({"TOP_SELLERS_CACHE_SECONDS": "61"}, "TOP_SELLERS_CACHE_SECONDS"),
         ({"TOP_SELLERS_CACHE_SECONDS": "0"}, "TOP_SELLERS_CACHE_SECONDS"),
+        ({"REPLICA_MAX_LAG_MS": "-1"}, "REPLICA_MAX_LAG_MS"),
+        ({"REPLICA_CHECK_INTERVAL_MS": "10"}, "REPLICA_CHECK_INTERVAL_MS"),
+        ({"DATABASE_REPLICA_URLS": "postgresql://a/shop,replica-b"}, "DATABASE_REPLICA_URLS"),
     ],
 )
 def test_inconsistent_settings_are_refused(environ: dict[str, str], named: str) -> None:
@@ -109,21 +112,43 @@ def test_production_with_a_token_is_fine() -> None:
     assert settings.app_env is AppEnv.PRODUCTION
 
 
+def test_replica_urls_come_from_the_list_and_its_alias_once_each() -> None:
+    a, b = "postgresql://ro@replica-a/shop", "postgresql://ro@replica-b/shop"
+    assert Settings.from_env({"DATABASE_URL": URL}).replica_urls == []
+    assert Settings.from_env({"DATABASE_URL": URL, "DATABASE_REPLICA_URL": a}).replica_urls == [a]
+    listed = Settings.from_env(
+        {"DATABASE_URL": URL, "DATABASE_REPLICA_URLS": f" {a}, {b} ,", "DATABASE_REPLICA_URL": a}
+    )
+    assert listed.replica_urls == [a, b]
+    assert (listed.replica_max_lag_ms, listed.replica_check_interval_ms) == (1000, 500)
+
+
 def test_repr_masks_the_token_and_url_passwords() -> None:
     settings = Settings.from_env(
         {
             "DATABASE_URL": URL,
             "DATABASE_REPLICA_URL": "postgresql://ro:replica-secret@replica.example/shop",
+            "DATABASE_REPLICA_URLS": "postgresql://ro:s3cret-a@ra.example/shop,"
+            "postgresql://ro:s3cret-b@rb.example/shop",
             "REDIS_URL": "redis://:redis-secret@r.example:6379/0",
             "ADMIN_TOKEN": "admin-secret-token",
         }
     )
     shown = repr(settings)
-    for secret in ("pg-secret", "replica-secret", "redis-secret", "admin-secret-token"):
+    secrets = (
+        "pg-secret",
+        "replica-secret",
+        "s3cret-a",
+        "s3cret-b",
+        "redis-secret",
+        "admin-secret",
+    )
+    for secret in secrets:
         assert secret not in shown
     assert "admin_token='***'" in shown
     assert "shop:***@db.example:5432" in shown
     assert "ro:***@replica.example" in shown
+    assert "ro:***@ra.example/shop,postgresql://ro:***@rb.example" in shown
     assert ":***@r.example:6379" in shown
     assert str(settings) == shown
     # Masking is display only.

@@ -377,7 +377,7 @@ def test_the_schema_refuses_a_second_debit_of_an_order(db_session: Session) -> N
     row = {"user_id": user, "type": "PAYMENT", "amount": 0, "balance_after": 0}
     db_session.execute(insert(PointHistory).values(order_id=order_id, **row))
     with (
-        pytest.raises(IntegrityError, match="uq_point_histories_order_id"),
+        pytest.raises(IntegrityError, match="uq_point_history_keys_order_id"),
         db_session.begin_nested(),
     ):
         db_session.execute(insert(PointHistory).values(order_id=order_id, **row))
