@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 WORKERS ?= 1
+REPLICAS ?= 0
 T ?= tests
 PYTEST_ARGS ?=
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -23,8 +24,8 @@ $(STAMP): setup.cfg pyproject.toml .ci/constraints.txt
 
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
-run: $(STAMP) ## the whole system: embedded PostgreSQL/Redis (unless URLs set), migrations, Procfile (WORKERS=K)
-	PORT=$(PORT) $(PY) -m shared.embedded up --persist --banner -- \
+run: $(STAMP) ## the whole system: embedded PostgreSQL/Redis (unless URLs set), migrations, Procfile (WORKERS=K, REPLICAS=N)
+	PORT=$(PORT) $(PY) -m shared.embedded up --persist --banner --replicas $(REPLICAS) -- \
 		$(PY) -m shared.supervisor -f Procfile --scale worker=$(WORKERS)
 
 test: $(STAMP) browser ## lint, schema check and the test suite (T=path to narrow, PYTEST_ARGS=...)

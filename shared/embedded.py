@@ -219,6 +219,67 @@ class EmbeddedPostgres:
             self.proc.wait()
 
 
+class EmbeddedStandby(EmbeddedPostgres):
+    """A streaming standby of ``primary``: cloned by ``pg_basebackup -R`` (same binaries)
+    into a fresh ``data_dir`` at each start, then a hot standby replaying its WAL.
+
+    The embedded primary allows it as initdb leaves it: ``wal_level = replica``,
+    ``max_wal_senders = 10`` and ``host replication all 127.0.0.1/32 trust``.  No
+    replication slot: a standby that is gone retains no WAL on the primary, and one
+    that falls too far behind is simply cloned again at its next start.
+    """
+
+    def __init__(
+        self,
+        primary: EmbeddedPostgres,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        log_name: str = "standby.log",
+    ) -> None:
+        super().__init__(data_dir, port, log_name=log_name)
+        self.primary = primary
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        if self.proc is None:
+            self.clone()
+        super().start()
+
+    def clone(self) -> None:
+        """A fresh copy of the primary (whatever the folder held before)."""
+        demote = self._demote()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        self._prepare_dirs(demote)
+        subprocess.run(
+            [
+                _pg_bin("pg_basebackup"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.primary.port),
+                "-U",
+                PG_USER,
+                "-D",
+                str(self.data_dir),
+                "-R",  # standby.signal and primary_conninfo: start as its standby
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ],
+            check=True,
+            capture_output=True,
+            user=demote.get("user"),
+            group=demote.get("group"),
+        )
+        # The primary's pid file and options do not belong to the copy.
+        (self.data_dir / "postmaster.opts").unlink(missing_ok=True)
+
+
 def is_postmaster_of(pid: int, data_dir: Path) -> bool:
     """``pid`` is a live ``postgres`` server whose data folder is ``data_dir``.
 
@@ -336,8 +397,11 @@ def admin_token(run_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def services(run_dir: Path, *, persist: bool) -> Iterator[dict[str, str]]:
-    """Start the servers whose URL is unset; yield the environment that names them all."""
+def services(run_dir: Path, *, persist: bool, replicas: int = 0) -> Iterator[dict[str, str]]:
+    """Start the servers whose URL is unset; yield the environment that names them all.
+
+    With an embedded PostgreSQL, ``replicas`` streaming standbys of it too (cloned
+    afresh at each start), named by ``DATABASE_REPLICA_URLS``."""
     env = dict(os.environ)  # noqa: TID251 (launcher of child processes)
     started: list[EmbeddedPostgres | EmbeddedRedis] = []
     try:
@@ -346,6 +410,27 @@ def services(run_dir: Path, *, persist: bool) -> Iterator[dict[str, str]]:
             pg.start()
             started.append(pg)
             env["DATABASE_URL"] = pg.url
+            standbys = [
+                EmbeddedStandby(
+                    pg,
+                    run_dir / f"pgreplica{i}",
+                    port=_port_from(run_dir / f"pgreplica{i}.port"),
+                    log_name=f"replica{i}.log",
+                )
+                for i in range(replicas)
+            ]
+            for standby in standbys:
+                standby.start()
+                started.append(standby)
+            if standbys:
+                env["DATABASE_REPLICA_URLS"] = ",".join(s.url for s in standbys)
+        elif replicas:
+            print(
+                "shared.embedded: DATABASE_URL is set: no embedded replicas (name yours in"
+                " DATABASE_REPLICA_URLS)",
+                file=sys.stderr,
+                flush=True,
+            )
         if not env.get("REDIS_URL"):
             rd = EmbeddedRedis(
                 run_dir / "redis", port=_port_from(run_dir / "redis.port"), persist=persist
@@ -401,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=".run", type=Path)
     parser.add_argument("--persist", action="store_true", help="Redis keeps an append-only file")
     parser.add_argument("--banner", action="store_true", help="print the URL and admin token")
+    parser.add_argument(
+        "--replicas", type=int, default=0, help="streaming standbys of the embedded PostgreSQL"
+    )
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -410,14 +498,18 @@ def main(argv: list[str] | None = None) -> int:
     run_dir: Path = args.run_dir
     try:
         with exclusive(run_dir / "run.lock", "make run (or make test)"):
-            return _up(run_dir, command, persist=args.persist, banner=args.banner)
+            return _up(
+                run_dir, command, persist=args.persist, banner=args.banner, replicas=args.replicas
+            )
     except AlreadyRunning as exc:
         print(f"shared.embedded: {exc}", file=sys.stderr, flush=True)
         return 1
 
 
-def _up(run_dir: Path, command: list[str], *, persist: bool, banner: bool) -> int:
-    with services(run_dir, persist=persist) as env:
+def _up(
+    run_dir: Path, command: list[str], *, persist: bool, banner: bool, replicas: int = 0
+) -> int:
+    with services(run_dir, persist=persist, replicas=replicas) as env:
         migrate(env["DATABASE_URL"])
         env["ADMIN_TOKEN"] = admin_token(run_dir)
         if banner:
@@ -426,7 +518,12 @@ def _up(run_dir: Path, command: list[str], *, persist: bool, banner: bool) -> in
                 f"\n  shop API   http://127.0.0.1:{port}   (docs: /docs)\n"
                 f"  Flower     http://127.0.0.1:{env.get('FLOWER_PORT', '5555')}\n"
                 f"  admin token  {env['ADMIN_TOKEN']}\n"
-                f"  DATABASE_URL {env['DATABASE_URL']}\n  REDIS_URL    {env['REDIS_URL']}\n",
+                f"  DATABASE_URL {env['DATABASE_URL']}\n  REDIS_URL    {env['REDIS_URL']}\n"
+                + (
+                    f"  DATABASE_REPLICA_URLS {env['DATABASE_REPLICA_URLS']}\n"
+                    if env.get("DATABASE_REPLICA_URLS")
+                    else ""
+                ),
                 flush=True,
             )
         return _run_child(command, env)

@@ -38,7 +38,7 @@ import requests
 from redis import Redis
 
 from shared.config import REDIS_DB_BROKER, redis_url_for
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, migrate
+from shared.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStandby, migrate
 from tests.faults.proxy import CommitCutter
 from tests.stack import Stack
 
@@ -71,6 +71,7 @@ class Rig:
     redis: EmbeddedRedis
     stack: Stack
     cutter: CommitCutter | None = None  # web and workers reach PostgreSQL through it
+    standbys: list[EmbeddedStandby] = field(default_factory=list)  # DATABASE_REPLICA_URLS
 
     @property
     def base_url(self) -> str:
@@ -111,7 +112,11 @@ class Rig:
     def log_excerpt(self, lines: int = 25) -> str:
         """The tail of every process log and the error lines, for a failing test's output."""
         out: list[str] = []
-        paths = [*sorted((self.root / "logs").glob("*.log")), self.pg.log_path]
+        paths = [
+            *sorted((self.root / "logs").glob("*.log")),
+            self.pg.log_path,
+            *(s.log_path for s in self.standbys),
+        ]
         for path in paths:
             if not path.exists():
                 continue
@@ -124,36 +129,54 @@ class Rig:
 
 @contextlib.contextmanager
 def private_rig(
-    tmp_path: Path, extra_env: dict[str, str] | None = None, *, cut_commits: bool = False
+    tmp_path: Path,
+    extra_env: dict[str, str] | None = None,
+    *,
+    cut_commits: bool = False,
+    replicas: int = 0,
+    processes: tuple[str, ...] = ("web", "worker", "history", "beat"),
 ) -> Iterator[Rig]:
     """PostgreSQL + Redis of this test only, migrated, and the Stack on them; stops all.
 
-    With ``cut_commits`` the stack reaches PostgreSQL through a ``CommitCutter``.
+    With ``cut_commits`` the stack reaches PostgreSQL through a ``CommitCutter``; with
+    ``replicas`` that many streaming standbys of the primary serve its lagging reads.
     """
     pg = EmbeddedPostgres(tmp_path / "pg" / "data")
     rd = EmbeddedRedis(tmp_path / "redis")
+    standbys = [
+        EmbeddedStandby(pg, tmp_path / "pg" / f"replica{i}", log_name=f"replica{i}.log")
+        for i in range(replicas)
+    ]
     stack: Stack | None = None
     cutter: CommitCutter | None = None
     try:
         pg.start()
         migrate(pg.url)
+        for standby in standbys:
+            standby.start()
         rd.start()
         cutter = CommitCutter(pg.port) if cut_commits else None
+        env = dict(extra_env or {})
+        if standbys:
+            env["DATABASE_REPLICA_URLS"] = ",".join(s.url for s in standbys)
         stack = Stack(
             cutter.url(pg.url) if cutter else pg.url,
             rd.url,
             tmp_path / "logs",
             admin_token=ADMIN_TOKEN,
-            extra_env=dict(extra_env or {}),
+            extra_env=env,
         )
-        stack.start_all()
-        yield Rig(tmp_path, pg, rd, stack, cutter)
+        for name in processes:
+            stack.start(name)
+        yield Rig(tmp_path, pg, rd, stack, cutter, standbys)
     finally:
         if stack is not None:
             stack.stop()
         if cutter is not None:
             cutter.close()
         rd.stop()
+        for standby in standbys:
+            standby.stop()
         pg.stop()
 
 
