@@ -20,7 +20,12 @@ from typing import Any
 import psycopg
 import pytest
 import requests
+from sqlalchemy.orm import sessionmaker
 
+from shared.config import AppEnv, Settings, to_sqlalchemy_url
+from shared.db import make_probe_engine
+from shared.embedded import EmbeddedPostgres, EmbeddedStandby
+from shared.replicas import Replica, ReplicaSet
 from tests.faults.harness import ADMIN, Rig, private_rig, wait_until
 
 pytestmark = pytest.mark.faults
@@ -234,3 +239,82 @@ def test_lagging_reads_use_the_standby_and_fall_back_to_the_primary(tmp_path: Pa
                 f"the standby serving again after {how}",
             )
         http.close()
+
+
+class Clock:
+    """The checker's clock, moved by the test: coverage is asserted without sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_coverage_follows_the_standbys_replay(tmp_path: Path) -> None:
+    primary = EmbeddedPostgres(tmp_path / "primary")
+    standby = EmbeddedStandby(primary, tmp_path / "standby")
+    settings = Settings(database_url=primary.url, app_env=AppEnv.TEST)
+    try:
+        primary.start()
+        standby.start()
+        probes = [
+            make_probe_engine(settings, to_sqlalchemy_url(u), n)
+            for u, n in ((primary.url, "p"), (standby.url, "s"))
+        ]
+        replica = Replica("replica0", sessionmaker(bind=probes[1]), probes[1])
+        clock = Clock()
+        replicas = ReplicaSet(probes[0], [replica], max_lag=1.0, interval=0.5, clock=clock)
+
+        def checked_at(moment: float) -> bool:
+            clock.now = moment
+            replicas.check()
+            return replica.covered_at == moment
+
+        # Caught up (idle primary, nothing to replay): it covers each check's moment.
+        wait_until(lambda: checked_at(clock.now + 1), 30, "the standby covering a check")
+        covered = clock.now
+        assert replicas.pick(0.5) is not None
+        with psycopg.connect(primary.url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE marks (n int)")
+        wait_until(lambda: checked_at(clock.now + 1), 30, "the standby covering the write")
+        assert replica.covered_at is not None
+        assert replica.covered_at > covered
+
+        # Replay paused and a commit on the primary: coverage stays before the commit.
+        with psycopg.connect(standby.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_wal_replay_pause()")
+            wait_until(
+                lambda: (
+                    conn.execute("SELECT pg_get_wal_replay_pause_state()").fetchone() == ("paused",)
+                ),
+                30,
+                "replay paused",
+            )
+        before_commit = clock.now
+        with psycopg.connect(primary.url, autocommit=True) as conn:
+            conn.execute("INSERT INTO marks VALUES (1)")
+        for step in range(1, 6):
+            assert not checked_at(before_commit + step)
+            assert replica.covered_at is not None
+            assert replica.covered_at <= before_commit
+        assert replicas.pick(1.0) is None  # 5 s behind: lagging reads go to the primary
+        assert replica.healthy  # lagging, not down: it comes back by itself
+
+        with psycopg.connect(standby.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_wal_replay_resume()")
+        wait_until(lambda: checked_at(clock.now + 1), 30, "the standby catching up")
+        assert replicas.pick(1.0) is not None
+
+        # Stopped: unhealthy at the next check, back when it is.
+        standby.stop()
+        replicas.check()
+        assert not replica.healthy
+        assert replicas.pick(60.0) is None
+        standby.start()
+        wait_until(lambda: checked_at(clock.now + 1) and replica.healthy, 60, "back")
+        for engine in probes:
+            engine.dispose()
+    finally:
+        standby.stop()
+        primary.stop()
