@@ -132,25 +132,34 @@ def expire_order(session: Session, order_id: int, version: int) -> list[int] | N
     return restocked
 
 
-# A state is entered by a transaction that sees the order, so its created_at (that
-# transaction's start) is at most that transaction's length before the order's; a day
-# of margin lets the reads skip the months before (partition pruning).
+# A state is entered by a transaction that sees the order and sets its updated_at, so
+# its created_at (that transaction's start) lies between the order's created_at and
+# updated_at, give or take the length of a transaction (one may start before another
+# commits); a day of margin each way lets the reads skip every other month.
 HISTORY_MARGIN = dt.timedelta(days=1)
 
 
 def order_histories_query(order_id: int) -> Select[int, OrderHistory]:
     """The order's id (no row: no such order) with each history row (NULL: none yet).
 
-    ``order_histories`` is partitioned by month of ``created_at``; the bound taken from
-    the order's own ``created_at`` (an InitPlan, known when the scan starts) leaves the
-    partitions of earlier months unscanned."""
-    known = select(Order.id, Order.created_at).where(Order.id == order_id).cte("known")
+    ``order_histories`` is partitioned by month of ``created_at``; the bounds taken from
+    the order's own ``created_at`` and ``updated_at`` (an InitPlan, known when the scan
+    starts) leave the partitions of the other months unscanned."""
+    known = (
+        select(Order.id, Order.created_at, Order.updated_at)
+        .where(Order.id == order_id)
+        .cte("known")
+    )
     since = select(known.c.created_at - HISTORY_MARGIN).scalar_subquery()
+    until = select(known.c.updated_at + HISTORY_MARGIN).scalar_subquery()
     return (
         select(known.c.id, OrderHistory)
         .select_from(known)
         .outerjoin(
-            OrderHistory, (OrderHistory.order_id == order_id) & (OrderHistory.created_at >= since)
+            OrderHistory,
+            (OrderHistory.order_id == order_id)
+            & (OrderHistory.created_at >= since)
+            & (OrderHistory.created_at <= until),
         )
         .order_by(OrderHistory.created_at, OrderHistory.id)
     )

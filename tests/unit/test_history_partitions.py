@@ -18,7 +18,12 @@ from sqlalchemy.orm import Session
 
 from shared.domain.history import record_histories_from_outbox
 from shared.domain.inventory import LineRequest, create_order
-from shared.domain.orders import list_order_histories, order_histories_query
+from shared.domain.orders import (
+    OrderStatus,
+    change_order_status,
+    list_order_histories,
+    order_histories_query,
+)
 from shared.domain.products import create_product
 from shared.models import (
     OrderHistory,
@@ -155,27 +160,28 @@ def test_delivery_skips_a_state_recorded_in_another_partition(db_session: Sessio
     assert db_session.execute(count).scalar_one() == 1
 
 
-def test_order_histories_are_read_from_the_orders_month_on(db_session: Session) -> None:
-    # A partition of an old month, holding another order's row.
-    ensure_month_partitions(db_session, now=PAST, months_ahead=0)
-    db_session.execute(
-        insert(OrderHistory).values(order_id=2**43 + _user(), status="READY", created_at=PAST)
-    )
+def test_order_histories_are_read_from_the_orders_months_only(db_session: Session) -> None:
+    # Partitions of an old and of a far month, each holding another order's row.
+    for moment in (PAST, FUTURE):
+        ensure_month_partitions(db_session, now=moment, months_ahead=0)
+        db_session.execute(
+            insert(OrderHistory).values(order_id=2**43 + _user(), status="READY", created_at=moment)
+        )
     product = create_product(db_session, name="P", price=1, stock=5)
     order = create_order(db_session, _user(), [LineRequest(product.id, 1)])
+    change_order_status(db_session, order.id, OrderStatus.PAYMENT_READY, expected_version=None)
     record_histories_from_outbox(db_session, 100)
-    db_session.execute(
-        insert(OrderHistory).values(order_id=order.id, status="FAILED", created_at=FUTURE)
-    )
-    assert [h.status for h in list_order_histories(db_session, order.id)] == ["READY", "FAILED"]
+    states = [h.status for h in list_order_histories(db_session, order.id)]
+    assert states == ["READY", "PAYMENT_READY"]
 
     statement = order_histories_query(order.id).compile(
         dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
     )
     plan = db_session.execute(text(f"EXPLAIN (ANALYZE, COSTS OFF) {statement}")).scalars().all()
-    old = [line for line in plan if partition_name("order_histories", PAST) in line]
-    assert old, plan
-    assert all("never executed" in line for line in old), plan
+    for moment in (PAST, FUTURE):
+        scans = [line for line in plan if partition_name("order_histories", moment) in line]
+        assert scans, plan
+        assert all("never executed" in line for line in scans), plan
 
 
 # ---- partitions ahead -------------------------------------------------------------------
