@@ -10,7 +10,7 @@ from typing import Any
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], str]]
 
-CPU_GROUPS = ("web", "worker", "history", "beat", "postgres", "redis", "generator")
+CPU_GROUPS = ("web", "worker", "history", "beat", "postgres", "replica", "redis", "generator")
 
 
 def fmt(value: Any, digits: int = 0) -> str:
@@ -111,6 +111,19 @@ OPEN: list[Column] = [
     INVARIANTS,
 ]
 
+READS: list[Column] = [
+    *NAME,
+    col("reads/s", "per_s"),
+    col("p50 ms", "p50_ms", 1),
+    col("p99 ms", "p99_ms", 1),
+    col("non-2xx", "non2xx"),
+    col("errors", "errors"),
+    ("primary CPU ms/read", lambda r: fmt(r["cpu_ms_per_job"].get("postgres"), 3)),
+    ("replica CPU ms/read", lambda r: fmt(r["cpu_ms_per_job"].get("replica"), 3)),
+    col("target", "target"),
+    col("met", "met"),
+]
+
 CEILINGS: list[Column] = [
     *NAME,
     col("per s", "per_s"),
@@ -133,6 +146,7 @@ SECTIONS: list[tuple[str, str, list[Column]]] = [
     ("mixed", "Open loop mixed, every job awaited (bench/loadgen.py)", MIXED),
     ("longpoll", "Long polls held (worker stopped; probe reads and order POSTs)", LONGPOLL),
     ("open", "Open loop, fire and forget (wrk, 64 connections)", OPEN),
+    ("reads", "Product reads (wrk): primary only, with a streaming replica, cached", READS),
     ("ceiling", "Ceilings", CEILINGS),
     ("cpu", "CPU per completed job (ms; process trees, over the load and its drain)", CPU),
 ]

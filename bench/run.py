@@ -15,7 +15,11 @@ servers and measures, scenario by scenario (``--only`` picks some):
 * ``mixed``: open-loop mixed load at fixed offered rates (``bench/loadgen.py``),
   every job awaited;
 * ``longpoll``: thousands of clients long-polling jobs that stay PENDING (the
-  partition worker stopped) while product reads and job POSTs are timed.
+  partition worker stopped) while product reads and job POSTs are timed;
+* ``reads``: product listings (the listing cache missed) and product details per
+  second, from the stack's web (primary only) and from a second web whose lagging
+  reads go to a streaming standby of the same primary, in the same run; then cached
+  reads of one product (target: 3,000/s with p99 under 10 ms).
 
 ``open`` and the ``closed-*`` scenarios also run the straight design
 (``bench/baseline_app.py``, sync workers) under the same client. After every
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -54,19 +59,21 @@ from bench import checks
 from bench.procstat import CpuMeter, run_measured, wait_idle, wait_measured
 from bench.report import fmt, markdown, plot, verdict
 from shared.config import Settings
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, migrate
+from shared.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedStandby, free_port, migrate
 from tests.stack import BIN, ROOT, Stack
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 STOCK = 1_000_000_000
 ADMIN_TOKEN = "bench-admin-token"
-SCENARIOS = ("ceilings", "open", "closed-spread", "closed-hot", "mixed", "longpoll")
+SCENARIOS = ("ceilings", "open", "closed-spread", "closed-hot", "mixed", "longpoll", "reads")
 MODELS = ("prefer", "poll")
 HOT_POINTS_USER = 900_000_001
 MIXED_USERS = (800_000_001, 800_010_000)
 LONGPOLL_USERS = (810_000_001, 819_999_999)
 TARGETS = {"closed-spread": 1.0, "closed-hot": 2.0}
+# Cached reads of one product (issue 12): at least this many per second, p99 below this.
+CACHED_READS_TARGET = (3000.0, 10.0)
 
 Row = dict[str, Any]
 
@@ -760,6 +767,143 @@ def longpoll(run: Run) -> list[Row]:
     return [row]
 
 
+# ---- reads: listings and details, with and without a replica --------------------------
+
+
+def _web_reads_on(url: str) -> bool:
+    """Whether the web's pools (application_name shop-test) hold connections on ``url``."""
+    with checks.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shop-test'"
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def read_row(scenario: str, system: str, stats: dict[str, Any], cpu: dict[str, float]) -> Row:
+    requests_done = stats["requests"]
+    return {
+        "section": "reads",
+        "scenario": scenario,
+        "system": system,
+        "per_s": stats["per_s"],
+        "p50_ms": stats["p50_us"] / 1e3,
+        "p99_ms": stats["p99_us"] / 1e3,
+        "non2xx": stats["non2xx"],
+        "errors": stats["socket_errors"],
+        "jobs": requests_done,
+        "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
+        "cpu_ms_per_job": (
+            {k: round(v * 1e3 / requests_done, 3) for k, v in cpu.items()} if requests_done else {}
+        ),
+        "violations": [],
+        "wrk": stats,
+    }
+
+
+# A seed per run of reads.lua (bench/wrk/reads.lua).
+_SEEDS = itertools.count(1000 + os.getpid() % 1000, 1000)
+
+
+def _seeded(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with a seed no other run of reads.lua used: its own listing queries."""
+    return {**env, "READ_SEED": str(next(_SEEDS))}
+
+
+def reads(run: Run) -> list[Row]:
+    """Listings and details per second through the stack's web (every read on the primary)
+    and through a second web given a streaming standby of that primary, one after the
+    other on the same data; then cached reads of one product."""
+    args, rows = run.args, []
+    standby = EmbeddedStandby(run.pg, run.work / "pg" / "replica0", log_name="replica0.log")
+    replica_web = Stack(
+        run.pg.url,
+        run.rd.url,
+        run.work / "logs-replica",
+        admin_token=ADMIN_TOKEN,
+        extra_env={**stack_env(args), "DATABASE_REPLICA_URLS": standby.url},
+    )
+    try:
+        standby.start()
+        replica_web.start("web")
+        assert standby.proc is not None
+        wait_idle([replica_web.procs["web"].pid, standby.proc.pid])
+        deadline = time.monotonic() + 60
+        while not _web_reads_on(standby.url):  # the checker has seen it caught up
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replica web never read from the standby")
+            fresh = int(time.monotonic() * 1000)  # a listing not cached yet
+            requests.get(f"{replica_web.base_url}/v1/products?maxPrice={fresh}", timeout=10)
+            time.sleep(0.2)
+        assert run.stack is not None
+        systems = [
+            ("primary only", run.base, run.stack.procs["web"].pid),
+            ("with 1 replica", replica_web.base_url, replica_web.procs["web"].pid),
+        ]
+        loads = [
+            ("product listing, cache missed", {"READ_MODE": "listing"}),
+            (
+                f"product detail, {len(run.spread)} products",
+                {
+                    "READ_MODE": "detail",
+                    "PRODUCT_LO": str(run.spread[0]),
+                    "PRODUCT_HI": str(run.spread[-1]),
+                },
+            ),
+        ]
+        for scenario, env in loads:
+            for system, base, web_pid in systems:
+                groups = {
+                    "web": [web_pid],
+                    "postgres": [run.pg_pid()],
+                    "replica": [standby.proc.pid],
+                    "redis": [run.rd_pid()],
+                }
+                # Warm first: the pools' new connections, their plans and caches.
+                warm = _seeded(env)
+                wrk(base, "reads.lua", 1, warm, run.work, connections=args.read_connections)
+                meter = CpuMeter(lambda groups=groups: groups)
+                meter.start()
+                stats = wrk(
+                    base,
+                    "reads.lua",
+                    args.seconds,
+                    _seeded(env),
+                    run.work,
+                    connections=args.read_connections,
+                )
+                cpu = meter.stop()
+                cpu["generator"] = stats["generator_cpu_s"]
+                row = read_row(scenario, system, stats, cpu)
+                rows.append(row)
+                print_progress(row)
+    finally:
+        replica_web.stop()
+        standby.stop()
+
+    per_s, p99_ms = CACHED_READS_TARGET
+    web = run.stack.procs["web"].pid
+    meter = CpuMeter(lambda: {"web": [web], "postgres": [run.pg_pid()], "redis": [run.rd_pid()]})
+    hot = {"READ_MODE": "hot", "PRODUCT_LO": str(run.hot)}
+    wrk(run.base, "reads.lua", 1, hot, run.work, connections=args.cached_read_connections)
+    meter.start()
+    stats = wrk(
+        run.base,
+        "reads.lua",
+        args.seconds,
+        hot,
+        run.work,
+        connections=args.cached_read_connections,
+    )
+    cpu = meter.stop()
+    cpu["generator"] = stats["generator_cpu_s"]
+    row = read_row("cached reads, 1 product", "this service", stats, cpu)
+    row["target"] = f">= {per_s:,.0f}/s, p99 < {p99_ms:g} ms"
+    row["met"] = row["per_s"] >= per_s and row["p99_ms"] < p99_ms and not row["non2xx"]
+    rows.append(row)
+    print_progress(row)
+    return rows
+
+
 # ---- progress -----------------------------------------------------------------
 
 
@@ -838,6 +982,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--probe-seconds", type=float, default=10, help="each probe's length (10)")
     p.add_argument(
+        "--read-connections", type=int, default=32, help="reads: wrk connections (default 32)"
+    )
+    p.add_argument(
+        "--cached-read-connections",
+        type=int,
+        default=16,
+        help="reads: wrk connections of the cached single-product load (default 16)",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=120,
@@ -896,6 +1049,8 @@ def plan(run: Run) -> list[tuple[str, Callable[[], list[Row]]]]:
             steps.append((name, lambda: mixed(run)))
         elif name == "longpoll":
             steps.append((name, lambda: longpoll(run)))
+        elif name == "reads":
+            steps.append((name, lambda: reads(run)))
     return steps
 
 

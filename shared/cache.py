@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from typing import Any, cast
@@ -38,6 +39,10 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return 1
 """
+
+# A committed entry as this module writes it: the document's JSON is its "doc" value,
+# taken out as bytes (no decoding, no encoding again on the hot path).
+_COMMITTED = re.compile(rb'^\{"v":[0-9]+,"doc":(\{.*\})\}$', re.DOTALL)
 
 # After a failure, leave Redis alone this long so a dead cache costs no timeouts.
 _BACKOFF_SECONDS = 2.0
@@ -81,6 +86,26 @@ class ProductCache:
             return None  # a change of this product is committing: read PostgreSQL
         doc: dict[str, Any] = entry["doc"]
         return doc
+
+    def get_product_json(self, product_id: int) -> bytes | None:
+        """The cached document as the JSON bytes it was stored as (what ``get_product``
+        decodes); ``None`` on a miss, a pending entry or Redis away."""
+        if not self._available():
+            return None
+        try:
+            raw = cast("bytes | None", self._client.get(product_key(product_id)))
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return None
+        if raw is None:
+            return None
+        committed = _COMMITTED.match(raw)
+        if committed is not None:
+            return committed.group(1)
+        entry = json.loads(raw)  # not written by this module's json.dumps: decode it
+        if entry.get("pending"):
+            return None
+        return json.dumps(entry["doc"], separators=(",", ":")).encode()
 
     def put_product(self, doc: dict[str, Any], version: int) -> None:
         """A reader's fill after a miss (refused if a newer version is stored)."""

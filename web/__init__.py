@@ -20,6 +20,7 @@ from shared.top_sellers_cache import TopSellersCache
 from web import admin, coupons, health, jobs, orders, points, products, users
 from web.api import IdConverter, install_connection_handling
 from web.errors import register_error_handlers
+from web.hot_reads import install_hot_product_reads
 from web.publish import Publisher, install_publishing
 from web.session import install_sessions
 from web.waiters import JobWaiters, Recheck
@@ -86,6 +87,7 @@ def create_app(
     register_error_handlers(app)
     health.install_metrics(app)
     install_connection_handling(app)
+    install_hot_product_reads(app, app.extensions["product_cache"])
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
     return app

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import BigInteger, ColumnElement, Table, bindparam, func, select, update
+from sqlalchemy import BigInteger, ColumnElement, Select, Table, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import Session
 
 from shared.domain.errors import NotFound
 from shared.formats import rfc3339
@@ -23,11 +24,11 @@ class ProductSort(enum.StrEnum):
     CREATED_AT = "createdAt"
 
 
-_SORT_COLUMNS: dict[ProductSort, InstrumentedAttribute[Any]] = {
-    ProductSort.ID: Product.id,
-    ProductSort.NAME: Product.name,
-    ProductSort.PRICE: Product.price,
-    ProductSort.CREATED_AT: Product.created_at,
+_SORT_COLUMN_NAMES: dict[ProductSort, str] = {
+    ProductSort.ID: "id",
+    ProductSort.NAME: "name",
+    ProductSort.PRICE: "price",
+    ProductSort.CREATED_AT: "created_at",
 }
 
 
@@ -84,68 +85,105 @@ def list_products(session: Session, query: ProductQuery) -> tuple[list[ProductRo
     which it is the planner's estimate (never below what the pages show).  A
     case-insensitive ``name`` search uses the trigram index where ``pg_trgm`` gave one
     (the migration creates it when the server has the extension), else it scans.
+    Statements are built once per shape of query (``_listing``) and run on the
+    session's connection, values as parameters.
     """
-    conditions: list[ColumnElement[bool]] = []
-    if query.name:
-        pattern = (
-            "%" + query.name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    listing = _listing(
+        _Shape(
+            name=bool(query.name),
+            min_price=query.min_price is not None,
+            max_price=query.max_price is not None,
+            in_stock=query.in_stock,
+            sort=query.sort,
+            descending=query.descending,
         )
-        conditions.append(Product.name.ilike(pattern, escape="\\"))
-    if query.min_price is not None:
-        conditions.append(Product.price >= query.min_price)
-    if query.max_price is not None:
-        conditions.append(Product.price <= query.max_price)
-    if query.in_stock is True:
-        conditions.append(Product.stock > 0)
-    elif query.in_stock is False:
-        conditions.append(Product.stock == 0)
-
-    column = _SORT_COLUMNS[query.sort]
-    columns: list[InstrumentedAttribute[Any]] = (
-        [column] if column is Product.id else [column, Product.id]
     )
-    order = [c.desc() if query.descending else c.asc() for c in columns]  # ties broken by id
+    params: dict[str, object] = {
+        "offset": (query.page - 1) * query.size,
+        "limit": query.size,
+        "min_price": query.min_price,
+        "max_price": query.max_price,
+    }
+    if query.name:
+        escaped = query.name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        params["name"] = f"%{escaped}%"
+    connection = session.connection()
+    rows = [ProductRow(*row) for row in connection.execute(listing.page, params)]
     offset = (query.page - 1) * query.size
-    rows = [
-        ProductRow(*row)
-        for row in session.execute(
-            select(*PRODUCT_COLUMNS)
-            .where(*conditions)
-            .order_by(*order)
-            .offset(offset)
-            .limit(query.size)
-        )
-    ]
-    if not conditions:
-        total = session.execute(
-            select(ProductTotal.products).where(ProductTotal.id == 1)
-        ).scalar_one()
+    if listing.count is None:
+        total = connection.execute(_PRODUCT_TOTAL).scalar_one()
     elif 0 < len(rows) < query.size:
         total = offset + len(rows)  # the last page: every match is behind or on it
     else:
-        total = _bounded_total(session, conditions)
+        total = connection.execute(listing.count, params).scalar_one()
+        if total > EXACT_TOTAL_LIMIT:
+            compiled = listing.matches.compile(connection)
+            (plan,) = connection.exec_driver_sql(
+                f"EXPLAIN (FORMAT JSON) {compiled}", compiled.construct_params(params)
+            ).scalar_one()
+            total = max(int(plan["Plan"]["Plan Rows"]), EXACT_TOTAL_LIMIT + 1)
     # An estimate never says fewer than the pages already show.
     return rows, max(int(total), offset + len(rows)) if rows else int(total)
 
 
-def _bounded_total(session: Session, conditions: list[ColumnElement[bool]]) -> int:
-    """The number of products matching ``conditions``, exact up to ``EXACT_TOTAL_LIMIT``;
-    past it the planner's estimate of the matches (at least the limit + 1)."""
-    matches = select(Product.id).where(*conditions)
-    counted = session.execute(
+@dataclass(frozen=True)
+class _Shape:
+    """Which filters a listing has and how it is sorted (not the values)."""
+
+    name: bool
+    min_price: bool
+    max_price: bool
+    in_stock: bool | None
+    sort: ProductSort
+    descending: bool
+
+
+@dataclass(frozen=True)
+class _Listing:
+    page: Select[Any]
+    count: Select[Any] | None  # None: unfiltered (product_totals has the total)
+    matches: Select[Any]  # what the planner estimates past EXACT_TOTAL_LIMIT
+
+
+@functools.cache
+def _listing(shape: _Shape) -> _Listing:
+    """The statements of one shape of listing, values left as parameters (at most
+    2 * 2 * 2 * 3 * 4 * 2 = 192 shapes)."""
+    table = _products
+    conditions: list[ColumnElement[bool]] = []
+    if shape.name:
+        conditions.append(table.c.name.ilike(bindparam("name"), escape="\\"))
+    if shape.min_price:
+        conditions.append(table.c.price >= bindparam("min_price"))
+    if shape.max_price:
+        conditions.append(table.c.price <= bindparam("max_price"))
+    if shape.in_stock is True:
+        conditions.append(table.c.stock > 0)
+    elif shape.in_stock is False:
+        conditions.append(table.c.stock == 0)
+    column = table.c[_SORT_COLUMN_NAMES[shape.sort]]
+    columns = [column] if column is table.c.id else [column, table.c.id]  # ties broken by id
+    order = [c.desc() if shape.descending else c.asc() for c in columns]
+    page = (
+        select(*PRODUCT_COLUMNS)
+        .where(*conditions)
+        .order_by(*order)
+        .offset(bindparam("offset"))
+        .limit(bindparam("limit"))
+    )
+    matches = select(table.c.id).where(*conditions)
+    count = (
         select(func.count()).select_from(matches.limit(EXACT_TOTAL_LIMIT + 1).subquery())
-    ).scalar_one()
-    if counted <= EXACT_TOTAL_LIMIT:
-        return int(counted)
-    connection = session.connection()
-    compiled = matches.compile(connection)
-    (plan,) = connection.exec_driver_sql(
-        f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params
-    ).scalar_one()
-    return max(int(plan["Plan"]["Plan Rows"]), EXACT_TOTAL_LIMIT + 1)
+        if conditions
+        else None
+    )
+    return _Listing(page, count, matches)
 
 
 _products = cast(Table, Product.__table__)
+_PRODUCT_TOTAL = select(cast(Table, ProductTotal.__table__).c.products).where(
+    cast(Table, ProductTotal.__table__).c.id == 1
+)
 # The columns of a product as a batch reads and writes it (ProductRow's fields, in order).
 PRODUCT_COLUMNS = tuple(
     _products.c[name]
