@@ -430,8 +430,8 @@ def lock_pending_batch(session: Session, queue: str, limit: int) -> list[JobReco
     return [_record_of(row) for row in rows]
 
 
-def partition_has_pending(session: Session, queue: str) -> bool:
-    return session.execute(_HAS_PENDING, {"queue": queue}).first() is not None
+def partition_has_pending(executor: Executor, queue: str) -> bool:
+    return executor.execute(_HAS_PENDING, {"queue": queue}).first() is not None
 
 
 def lock_pending_job(session: Session, queue: str, job_id: uuid.UUID) -> JobRecord | None:

@@ -31,11 +31,13 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -57,6 +59,7 @@ from shared.jobs import (
     lock_pending_batch,
     lock_pending_job,
     note_drain,
+    partition_has_pending,
     wake_key,
     wake_partition,
 )
@@ -127,6 +130,7 @@ class Runtime:
         self._send = send
         self._lock = threading.Lock()
         self._session_factory: sessionmaker[Session] | None = None
+        self._injected = False
         self._coordination: redis.Redis | None = None
         self._broker_client: redis.Redis | None = None
         self._cache: ProductCache | None = None
@@ -144,6 +148,19 @@ class Runtime:
 
     def use_session_factory(self, factory: sessionmaker[Session]) -> None:
         self._session_factory = factory
+        self._injected = True
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection | Session]:
+        """A connection on which a statement is its own transaction (one round trip, no
+        BEGIN/ROLLBACK); tests that inject a session factory get a session of it."""
+        if self._injected:
+            with self.session_factory() as session:
+                yield session
+            return
+        engine = self.session_factory.kw["bind"]
+        with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as connection:
+            yield connection
 
     @property
     def coordination(self) -> redis.Redis:
@@ -234,37 +251,37 @@ def drain_partition(rt: Runtime, queue: str) -> int:
 
     The wake flag stays set while the partition is drained, so web sends no
     further wake-ups for jobs this drain will find anyway.  When a batch comes
-    back short, the flag is cleared and the partition read once more: a job
-    committed before the clear is found by that read and applied (the drain then
-    takes the flag back and goes on, no message needed); a job committed after
-    the clear sets the flag itself and sends a wake-up (``web.publish``).  No job
-    is left behind.  After ``MAX_BATCHES_PER_DRAIN`` the partition is woken by a
-    message instead, behind the other partitions' wake-ups, so a busy one cannot
-    hold a pool thread for ever.
+    back short, the flag is cleared and the partition looked at once more (one
+    statement): a job committed before the clear is found by that look, and the
+    drain takes the flag back and goes on (no message needed); a job committed
+    after the clear sets the flag itself and sends a wake-up (``web.publish``).
+    No job is left behind.  After ``MAX_BATCHES_PER_DRAIN`` the partition is woken
+    by a message instead, behind the other partitions' wake-ups, so a busy one
+    cannot hold a pool thread for ever.
     """
     done = 0
-    flagged = True
     for _ in range(MAX_BATCHES_PER_DRAIN):
         applied = apply_next_batch(rt, queue)
         done += applied
-        if flagged and applied >= rt.settings.batch_size:
+        if applied >= rt.settings.batch_size:
             continue  # a full batch: more are waiting; the flag keeps web quiet meanwhile
-        if flagged:
-            rt.release(queue)
-            flagged = False  # the next batch is the look after the clear
-            continue
-        if not applied:
+        rt.release(queue)
+        if not has_pending(rt, queue):
             return done
         if not rt.claim(queue):
             return done  # a job committed since sent a wake-up of its own
-        flagged = True
-    if flagged:
-        rt.release(queue)
+    rt.release(queue)
     try:
         rt.wake(queue)  # sends unless a wake-up of someone else's is already in flight
     except Exception as exc:  # the sweeper wakes it if this is lost
         log.warning("could not re-wake %s: %s", queue, exc)
     return done
+
+
+def has_pending(rt: Runtime, queue: str) -> bool:
+    """Whether ``queue`` holds a PENDING job, as committed now (a fresh snapshot)."""
+    with rt.autocommit() as executor:
+        return partition_has_pending(executor, queue)
 
 
 def apply_next_batch(rt: Runtime, queue: str) -> int:
