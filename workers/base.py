@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -131,6 +131,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._session_factory: sessionmaker[Session] | None = None
         self._injected = False
+        self._autocommit: Engine | None = None
         self._coordination: redis.Redis | None = None
         self._broker_client: redis.Redis | None = None
         self._cache: ProductCache | None = None
@@ -158,9 +159,16 @@ class Runtime:
             with self.session_factory() as session:
                 yield session
             return
-        engine = self.session_factory.kw["bind"]
-        with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as connection:
+        with self._autocommit_engine().connect() as connection:
             yield connection
+
+    def _autocommit_engine(self) -> Engine:
+        engine: Engine = self.session_factory.kw["bind"]  # (takes the lock itself)
+        with self._lock:
+            if self._autocommit is None:
+                # The same pool; its connections switched to autocommit while checked out.
+                self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+            return self._autocommit
 
     @property
     def coordination(self) -> redis.Redis:
