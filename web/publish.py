@@ -38,6 +38,7 @@ from shared.jobs import (
     task_for_queue,
     wake_key,
 )
+from shared.metrics import count_accepted
 from web.breaker import Breaker
 from web.errors import ApiError, unavailable, validation_error
 from web.jobs import await_document, current_document
@@ -248,6 +249,8 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
     with waiters.waiting(str(job_id)) if wait else contextlib.nullcontext() as waiter:
         job = _record_and_commit(kind, payload, scope, job_id)
         # Committed: from here on the answer is 202 (the sweeper covers a failed send).
+        if job.id == job_id:  # not an Idempotency-Key replay
+            count_accepted(kind.value)
         if job.pending:
             try:
                 broker_breaker.call(publisher.wake, job.partition)
