@@ -66,7 +66,7 @@ class Settings:
     partitions: int = 16
     batch_size: int = 200
     # Partitions one worker process drains at once (a thread each).
-    worker_threads: int = 4
+    worker_threads: int = 2
     # The history listener waits this long before a drain, so outbox rows arrive in batches.
     history_linger_ms: int = 200
     job_max_attempts: int = 3

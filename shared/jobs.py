@@ -29,6 +29,7 @@ from sqlalchemy import (
     column,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
@@ -240,6 +241,50 @@ def record(
 
 
 _GET_JOB = _SELECT.where(_jobs.c.id == bindparam("job_id"))
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job row about to be written (without an Idempotency-Key)."""
+
+    id: uuid.UUID
+    kind: JobKind
+    partition: str
+    payload: dict[str, Any]
+
+
+# Many job rows in one statement, as array parameters (compiled once for any count);
+# rows come back keyed by id, whatever order RETURNING uses.
+_INSERT_MANY = text(
+    """
+    INSERT INTO jobs (id, kind, partition, payload)
+    SELECT id, kind, partition, payload::jsonb
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:kinds AS text[]), CAST(:partitions AS text[]),
+                CAST(:payloads AS text[])) AS new(id, kind, partition, payload)
+    RETURNING id, seq, created_at
+    """
+)
+
+
+def record_many(executor: Executor, jobs: list[NewJob]) -> list[JobRecord]:
+    """Add PENDING job rows, one statement for all (the caller commits, or autocommit)."""
+    rows = executor.execute(
+        _INSERT_MANY,
+        {
+            "ids": [j.id for j in jobs],
+            "kinds": [j.kind.value for j in jobs],
+            "partitions": [j.partition for j in jobs],
+            "payloads": [json.dumps(j.payload) for j in jobs],
+        },
+    )
+    made = {row.id: (row.seq, row.created_at) for row in rows}
+    return [
+        _new_record(
+            {"id": j.id, "kind": j.kind.value, "partition": j.partition, "payload": j.payload},
+            *made[j.id],
+        )
+        for j in jobs
+    ]
 
 
 def get_job(executor: Executor, job_id: uuid.UUID) -> JobRecord | None:
