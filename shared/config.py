@@ -105,6 +105,15 @@ class Settings:
 
     log_level: str = "INFO"
 
+    # Metrics (README, "Operating it" -> "Metrics").  With PROMETHEUS_MULTIPROC_DIR set
+    # (the run command sets it) every process writes its metrics into that folder and
+    # web's /metrics adds them all up; prometheus_client reads the variable itself too.
+    prometheus_multiproc_dir: str = ""
+    # When set, partition worker i also serves its own metrics on METRICS_PORT + i
+    # (hosts that share no folder with web, e.g. containers).
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
+
     # Flower's HTTP basic auth, ``user:password`` (comma-separated for several).
     flower_basic_auth: str = ""
 
@@ -117,6 +126,8 @@ class Settings:
             raise ConfigError("WORKER_THREADS must be at least 1")
         if self.worker_id < 0:
             raise ConfigError("WORKER_ID must not be negative")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("METRICS_PORT must be a port number (0: off)")
         if self.batch_size < 1:
             raise ConfigError("BATCH_SIZE must be at least 1")
         if self.order_payment_timeout_seconds < 1:

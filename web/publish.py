@@ -41,6 +41,7 @@ from shared.jobs import (
     task_for_queue,
     wake_key,
 )
+from shared.metrics import count_accepted
 from web.breaker import Breaker
 from web.errors import ApiError, unavailable, validation_error
 from web.jobs import await_document, current_document
@@ -321,6 +322,8 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
     job_id = uuid.uuid4()
     with waiters.waiting(str(job_id)) if wait else contextlib.nullcontext() as waiter:
         job = _record_and_commit(kind, payload, scope, job_id)
+        if job.id == job_id:  # committed now, not an Idempotency-Key replay
+            count_accepted(kind.value)
         if wait is None:
             return job_accepted(job)
         if job.id != job_id:  # an Idempotency-Key replay: the existing job's outcome

@@ -63,6 +63,7 @@ from shared.jobs import (
     wake_key,
     wake_partition,
 )
+from shared.metrics import count_finished, draining, observe_batch
 from shared.partitions import HISTORY_QUEUE, PartitionKind
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,13 @@ MAX_BATCHES_PER_DRAIN = 20
 
 
 def drain_partition(rt: Runtime, queue: str) -> int:
+    """Apply the PENDING jobs of ``queue`` in commit order; returns how many finished
+    (``_drain``), counted and timed (``shop_drains_total``, ``shop_drain_seconds``)."""
+    with draining(queue):
+        return _drain(rt, queue)
+
+
+def _drain(rt: Runtime, queue: str) -> int:
     """Apply the PENDING jobs of ``queue`` in commit order; returns how many finished.
 
     The wake flag stays set while the partition is drained, so web sends no
@@ -309,6 +317,7 @@ def apply_next_batch(rt: Runtime, queue: str) -> int:
             _apply_alone(rt, queue, job_id, effects)
     if job_ids:
         effects.drained = queue  # lastDrainAt of GET /v1/admin/partitions
+        observe_batch(queue, len(job_ids))
     after_commit(rt, effects)
     return len(job_ids)
 
@@ -353,7 +362,11 @@ def _apply_alone(rt: Runtime, queue: str, job_id: uuid.UUID, effects: Effects) -
 def after_commit(rt: Runtime, effects: Effects) -> None:
     """Refresh the product cache, run deferred actions, then tell waiters and wake the
     history listener in one round trip (waiters last: whoever is told a job finished
-    finds the cache refreshed).  Never raises."""
+    finds the cache refreshed).  Never raises.
+
+    Every committed outcome passes here exactly once, so this is where jobs are
+    counted finished (in memory: no round trip)."""
+    count_finished(effects.finished)
     if effects.committed_products:
         try:
             rt.cache.refresh_products(effects.committed_products)
