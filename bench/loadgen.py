@@ -310,6 +310,24 @@ async def probe(
     return {"read": summary_ms(reads), "post": summary_ms(posts)}
 
 
+async def settled(client: Client, max_seconds: float) -> float:
+    """Seconds until the arrival burst of the held polls is over: /healthz answers within
+    25 ms five times in a row (the target is about clients that are waiting, not about
+    the second in which thousands of them connect)."""
+    started = time.monotonic()
+    quick = 0
+    while quick < 5 and time.monotonic() - started < max_seconds:
+        sent = time.monotonic()
+        try:
+            await client.call("GET", "/healthz")
+        except NET_ERRORS:
+            quick = 0
+            continue
+        quick = quick + 1 if time.monotonic() - sent < 0.025 else 0
+        await asyncio.sleep(0.05)
+    return round(time.monotonic() - started, 2)
+
+
 async def longpoll(cfg: dict[str, Any]) -> dict[str, Any]:
     rng = random.Random(cfg.get("seed", 2))
     clients = int(cfg["clients"])
@@ -354,6 +372,7 @@ async def longpoll(cfg: dict[str, Any]) -> dict[str, Any]:
     held_at = time.monotonic()
     polls = [asyncio.ensure_future(hold(j)) for j in job_ids]
     await asyncio.sleep(cfg.get("settle_seconds", 2.0))
+    settled_after = await settled(prober, cfg.get("settle_max_seconds", 20.0))
     early = len(answered)
     loaded = await probe(prober, cfg, rng)
     still_held = len(job_ids) - len(answered)
@@ -372,6 +391,7 @@ async def longpoll(cfg: dict[str, Any]) -> dict[str, Any]:
         "clients": clients,
         "jobs_held": len(job_ids),
         "answered_before_probe": early,
+        "burst_settled_after_s": settled_after,
         "held_during_probe": still_held,
         "unloaded": unloaded,
         "loaded": loaded,

@@ -319,13 +319,14 @@ def ceiling_http(run: Run) -> list[Row]:
         "bench.ceiling_app:app",
         port,
         {},
-        ["--worker-class", "gthread", "--workers", "2", "--threads", "32"],
+        # The service's own worker class and count (gevent), so the two rows compare.
+        ["--worker-class", "gevent", "--workers", "2", "--worker-connections", "10000"],
         run.work / "ceiling.log",
     )
     row: Row = {
         "section": "ceiling",
         "scenario": "ceiling: empty route",
-        "system": "gunicorn+Flask",
+        "system": "gunicorn (gevent x2) + Flask",
     }
     try:
         meter = CpuMeter(lambda: {"web": [proc.pid]})

@@ -114,6 +114,13 @@ class WakeUpTemplates:
 
     def wake(self, flag: str, queue: str, flag_seconds: int) -> bool:
         """Set ``flag`` and push a wake-up onto ``queue``, unless the flag is already set."""
-        key, template = self._template(queue)
-        message = template.replace(_ID, str(uuid.uuid4())).replace(_TAG, str(uuid.uuid4()))
-        return bool(self._wake(keys=[flag, key], args=[flag_seconds, message]))
+        return self.wake_many([(flag, queue)], flag_seconds)[0]
+
+    def wake_many(self, wake_ups: list[tuple[str, str]], flag_seconds: int) -> list[bool]:
+        """``wake`` each ``(flag, queue)``, all in one pipeline; True for those sent."""
+        pipe = self._client.pipeline(transaction=False)
+        for flag, queue in wake_ups:
+            key, template = self._template(queue)
+            message = template.replace(_ID, str(uuid.uuid4())).replace(_TAG, str(uuid.uuid4()))
+            self._wake(keys=[flag, key], args=[flag_seconds, message], client=pipe)
+        return [bool(sent) for sent in pipe.execute()]

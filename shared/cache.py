@@ -20,6 +20,8 @@ from typing import Any, cast
 
 import redis
 
+from shared.metrics import count_cache_lookup
+
 log = logging.getLogger(__name__)
 
 LISTING_GENERATION_KEY = "products:generation"
@@ -72,6 +74,12 @@ class ProductCache:
         log.warning("product cache unavailable: %s", exc)
 
     def get_product(self, product_id: int) -> dict[str, Any] | None:
+        """The cached document, or None (absent, being refreshed, Redis away): counted."""
+        doc = self._read_product(product_id)
+        count_cache_lookup("product", hit=doc is not None)
+        return doc
+
+    def _read_product(self, product_id: int) -> dict[str, Any] | None:
         if not self._available():
             return None
         try:
@@ -89,7 +97,12 @@ class ProductCache:
 
     def get_product_json(self, product_id: int) -> bytes | None:
         """The cached document as the JSON bytes it was stored as (what ``get_product``
-        decodes); ``None`` on a miss, a pending entry or Redis away."""
+        decodes); ``None`` on a miss, a pending entry or Redis away: counted."""
+        doc = self._read_product_json(product_id)
+        count_cache_lookup("product", hit=doc is not None)
+        return doc
+
+    def _read_product_json(self, product_id: int) -> bytes | None:
         if not self._available():
             return None
         try:
@@ -190,16 +203,26 @@ class ProductCache:
         log.info("product cache repaired: %d entries dropped", len(dirty))
 
     def listing_generation(self) -> int | None:
+        """The listings' generation, None if Redis is away (a listing miss, counted here:
+        the caller then reads PostgreSQL without ``get_listing``)."""
         if not self._available():
+            count_cache_lookup("listing", hit=False)
             return None
         try:
             raw = cast("bytes | None", self._client.get(LISTING_GENERATION_KEY))
         except redis.RedisError as exc:
             self._failed(exc)
+            count_cache_lookup("listing", hit=False)
             return None
         return int(raw or 0)
 
     def get_listing(self, generation: int, query_key: str) -> dict[str, Any] | None:
+        """A cached listing page, or None: counted."""
+        page = self._read_listing(generation, query_key)
+        count_cache_lookup("listing", hit=page is not None)
+        return page
+
+    def _read_listing(self, generation: int, query_key: str) -> dict[str, Any] | None:
         try:
             raw = cast("bytes | None", self._client.get(f"products:list:{generation}:{query_key}"))
         except redis.RedisError as exc:

@@ -74,7 +74,7 @@ class Settings:
     partitions: int = 16
     batch_size: int = 200
     # Partitions one worker process drains at once (a thread each).
-    worker_threads: int = 4
+    worker_threads: int = 2
     # The history listener waits this long before a drain, so outbox rows arrive in batches.
     history_linger_ms: int = 200
     job_max_attempts: int = 3
@@ -113,6 +113,15 @@ class Settings:
 
     log_level: str = "INFO"
 
+    # Metrics (README, "Operating it" -> "Metrics").  With PROMETHEUS_MULTIPROC_DIR set
+    # (the run command sets it) every process writes its metrics into that folder and
+    # web's /metrics adds them all up; prometheus_client reads the variable itself too.
+    prometheus_multiproc_dir: str = ""
+    # When set, partition worker i also serves its own metrics on METRICS_PORT + i
+    # (hosts that share no folder with web, e.g. containers).
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
+
     # Flower's HTTP basic auth, ``user:password`` (comma-separated for several).
     flower_basic_auth: str = ""
 
@@ -125,6 +134,8 @@ class Settings:
             raise ConfigError("WORKER_THREADS must be at least 1")
         if self.worker_id < 0:
             raise ConfigError("WORKER_ID must not be negative")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("METRICS_PORT must be a port number (0: off)")
         if self.batch_size < 1:
             raise ConfigError("BATCH_SIZE must be at least 1")
         if self.order_payment_timeout_seconds < 1:

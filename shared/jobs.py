@@ -29,6 +29,7 @@ from sqlalchemy import (
     column,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
@@ -242,6 +243,50 @@ def record(
 _GET_JOB = _SELECT.where(_jobs.c.id == bindparam("job_id"))
 
 
+@dataclass(frozen=True)
+class NewJob:
+    """A job row about to be written (without an Idempotency-Key)."""
+
+    id: uuid.UUID
+    kind: JobKind
+    partition: str
+    payload: dict[str, Any]
+
+
+# Many job rows in one statement, as array parameters (compiled once for any count);
+# rows come back keyed by id, whatever order RETURNING uses.
+_INSERT_MANY = text(
+    """
+    INSERT INTO jobs (id, kind, partition, payload)
+    SELECT id, kind, partition, payload::jsonb
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:kinds AS text[]), CAST(:partitions AS text[]),
+                CAST(:payloads AS text[])) AS new(id, kind, partition, payload)
+    RETURNING id, seq, created_at
+    """
+)
+
+
+def record_many(executor: Executor, jobs: list[NewJob]) -> list[JobRecord]:
+    """Add PENDING job rows, one statement for all (the caller commits, or autocommit)."""
+    rows = executor.execute(
+        _INSERT_MANY,
+        {
+            "ids": [j.id for j in jobs],
+            "kinds": [j.kind.value for j in jobs],
+            "partitions": [j.partition for j in jobs],
+            "payloads": [json.dumps(j.payload) for j in jobs],
+        },
+    )
+    made = {row.id: (row.seq, row.created_at) for row in rows}
+    return [
+        _new_record(
+            {"id": j.id, "kind": j.kind.value, "partition": j.partition, "payload": j.payload},
+            *made[j.id],
+        )
+        for j in jobs
+    ]
+
+
 def get_job(executor: Executor, job_id: uuid.UUID) -> JobRecord | None:
     row = executor.execute(_GET_JOB, {"job_id": job_id}).one_or_none()
     return None if row is None else _record_of(row)
@@ -385,8 +430,8 @@ def lock_pending_batch(session: Session, queue: str, limit: int) -> list[JobReco
     return [_record_of(row) for row in rows]
 
 
-def partition_has_pending(session: Session, queue: str) -> bool:
-    return session.execute(_HAS_PENDING, {"queue": queue}).first() is not None
+def partition_has_pending(executor: Executor, queue: str) -> bool:
+    return executor.execute(_HAS_PENDING, {"queue": queue}).first() is not None
 
 
 def lock_pending_job(session: Session, queue: str, job_id: uuid.UUID) -> JobRecord | None:

@@ -16,6 +16,10 @@ starts each Procfile process (honcho parses the file and formats the output, as
 * runs once per run folder: a second start says that one is running and exits
   (``<run-dir>/supervisor.lock``).
 
+Every child gets ``PROMETHEUS_MULTIPROC_DIR`` (``<run-dir>/metrics`` unless set):
+the folder where each process writes its metrics and from which one scrape of
+web's ``/metrics`` adds them all up; the files of a previous run are removed first.
+
 Instance ``i`` (from 0) of a process type runs with ``WORKER_ID=i``, so that
 ``--scale worker=K`` gives the partition workers distinct Celery node names
 (``partitions<i>@host``).  Each command runs as ``sh -c 'exec <command>'`` in a
@@ -312,6 +316,19 @@ def stop_leftovers(run_dir: Path, log: Any) -> None:
     path.unlink(missing_ok=True)
 
 
+def prepare_metrics_dir(env: dict[str, str], run_dir: Path) -> Path:
+    """Set ``PROMETHEUS_MULTIPROC_DIR`` in the children's ``env`` (``<run-dir>/metrics``
+    unless the operator set one) and empty it of a previous run's files: prometheus_client
+    asks for a folder wiped between runs (stale files would add old counts to the sums,
+    or have a new process with a reused pid carry on from a dead one's values)."""
+    folder = Path(env.get("PROMETHEUS_MULTIPROC_DIR") or run_dir / "metrics").absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    return folder
+
+
 def _scale(values: Iterable[str]) -> dict[str, int]:
     scale: dict[str, int] = {}
     for value in values:
@@ -339,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with exclusive(args.run_dir / "supervisor.lock", "a supervisor"):
             stop_leftovers(args.run_dir, supervisor.log)
+            prepare_metrics_dir(env, args.run_dir)  # the survivors are gone: nothing writes
             return supervisor.run()
     except AlreadyRunning as exc:
         print(f"shared.supervisor: {exc}", file=sys.stderr, flush=True)

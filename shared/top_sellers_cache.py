@@ -17,6 +17,8 @@ from typing import Any, cast
 
 import redis
 
+from shared.metrics import count_cache_lookup
+
 log = logging.getLogger(__name__)
 
 # The largest ``limit`` the endpoint takes: what one entry holds.
@@ -37,7 +39,13 @@ class TopSellersCache:
         self._down_until = 0.0
 
     def get(self, days: int) -> dict[str, Any] | None:
-        """The cached ranking of ``days`` (the answer's document, top ``MAX_TOP``), or None."""
+        """The cached ranking of ``days`` (the answer's document, top ``MAX_TOP``), or None:
+        counted."""
+        ranking = self._read(days)
+        count_cache_lookup("top_sellers", hit=ranking is not None)
+        return ranking
+
+    def _read(self, days: int) -> dict[str, Any] | None:
         if time.monotonic() < self._down_until:
             return None
         try:

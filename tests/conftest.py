@@ -114,6 +114,10 @@ class RecordingPublisher:
             raise ConnectionError("broker down (simulated)")
         self.woken.append(json.loads(json.dumps(queue)))
 
+    def wake_many(self, queues: list[str]) -> None:
+        for queue in queues:
+            self.wake(queue)
+
     def ping(self) -> None:
         if self.fail:
             raise ConnectionError("broker down (simulated)")

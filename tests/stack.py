@@ -66,6 +66,11 @@ class Stack:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def metrics_dir(self) -> Path:
+        """PROMETHEUS_MULTIPROC_DIR of this stack's processes (emptied by ``start_all``)."""
+        return self.log_dir / f"metrics-{self.port}"
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -77,30 +82,43 @@ class Stack:
             SWEEP_AFTER_SECONDS="3",
             SWEEP_INTERVAL_SECONDS="1",
             PYTHONUNBUFFERED="1",
+            PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir),
         )
         env.update(self.extra_env)
         return env
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *, worker_id: int | None = None) -> str:
+        """Start process ``name``; returns its key in ``procs`` (``worker-<id>`` for a
+        partition worker started with its own ``WORKER_ID``)."""
         command = [part % {"tag": self.port} for part in COMMANDS[name]]
         if name == "web":
             command += ["--bind", f"127.0.0.1:{self.port}"]
         if name == "beat":
             command += [f"--schedule={self.log_dir / f'beat-{self.port}.db'}"]
+        env = self.env()
+        key = name
+        if worker_id is not None:
+            env["WORKER_ID"] = str(worker_id)
+            key = f"{name}-{worker_id}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.log_dir / f"{name}-{self.port}.log").open("ab")
-        self.procs[name] = subprocess.Popen(
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.log_dir / f"{key}-{self.port}.log").open("ab")
+        self.procs[key] = subprocess.Popen(
             command,
             cwd=ROOT,
-            env=self.env(),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         if name == "web":
             self.wait_healthy()
+        return key
 
     def start_all(self) -> Stack:
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.metrics_dir.glob("*.db"):
+            stale.unlink()
         for name in ("web", "worker", "history", "beat"):
             self.start(name)
         return self

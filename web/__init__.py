@@ -15,6 +15,7 @@ from shared.cache import ProductCache, make_redis
 from shared.config import Settings, to_sqlalchemy_url
 from shared.db import make_engine, make_probe_engine, make_session_factory
 from shared.jobs import document_of, get_finished_jobs
+from shared.metrics import prepare_multiprocess_dir
 from shared.replicas import Replica, ReplicaSet
 from shared.top_sellers_cache import TopSellersCache
 from web import admin, coupons, health, jobs, orders, points, products, users
@@ -55,6 +56,7 @@ def create_app(
     # No implicit OPTIONS answers (an empty text/html 200): OPTIONS is a JSON 405 with Allow.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["settings"] = settings
+    prepare_multiprocess_dir(settings.prometheus_multiproc_dir)
 
     recheck: Recheck | None = None
     if session_factory is None:

@@ -9,12 +9,18 @@ Requests gunicorn refuses before the app sees them (a bad request line, an
 over-long URL or header block, a broken chunked body) would get gunicorn's HTML
 error page; API.md allows no HTML answer, so they get the API's JSON error shape.
 Bind address, workers and threads stay on the command line (Procfile).
+
+Metrics: with ``PROMETHEUS_MULTIPROC_DIR`` set, every worker writes its metrics into
+that folder (web's ``/metrics`` adds them up); ``child_exit`` tells prometheus_client
+that a worker is gone, as its multiprocess mode asks.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+from typing import Any
 
 from gunicorn import util
 
@@ -36,3 +42,17 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
 
 
 util.write_error = write_json_error
+
+
+def child_exit(_server: Any, worker: Any) -> None:
+    """A worker exited: drop its live gauges (its counters stay in the sums).
+
+    Imported here, in the master, only when a worker exits, and not the ``web``
+    package: prometheus_client alone, which imports no database driver.
+    """
+    # The master builds no Settings; prometheus_client reads this same variable itself.
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # noqa: TID251 (see above)
+    if folder:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid, folder)  # type: ignore[no-untyped-call]  # untyped upstream

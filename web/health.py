@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram
 from sqlalchemy import text
 
+from shared.jobs import Backlog, partition_backlogs
+from shared.metrics import BacklogCollector, Bound, exposition
+from shared.partitions import all_partition_queues
 from web.api import build_openapi, operation
 from web.render import render
 from web.schemas import Health, Readiness, ReadinessChecks
@@ -30,6 +33,8 @@ bp = Blueprint("health", __name__, static_folder=_swagger_ui_dir(), static_url_p
 
 REQUESTS = Counter("http_requests_total", "HTTP requests", ["method", "endpoint", "status"])
 LATENCY = Histogram("http_request_seconds", "HTTP request latency", ["method", "endpoint"])
+_requests = Bound(REQUESTS)
+_latency = Bound(LATENCY)
 
 _DOCS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Shop API</title>
@@ -92,7 +97,19 @@ def get_readyz() -> Response:
 
 @operation(bp, "/metrics", "GET", summary="Prometheus metrics (text format)", responses={200: None})
 def get_metrics() -> Response:
-    return Response(generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    """Every process's metrics (web's gunicorn workers, the workers, the history listener
+    and beat) when PROMETHEUS_MULTIPROC_DIR is set, else this process's; and the backlog
+    of every partition, read now (the only metric that costs a query, at scrape time)."""
+    settings = current_app.extensions["settings"]
+    factory = current_app.extensions["session_factory"]
+
+    def backlogs() -> dict[str, Backlog]:
+        with factory() as session:  # its own session, as /readyz's probe
+            return partition_backlogs(session)
+
+    queues = all_partition_queues(settings.partitions)
+    text_format = exposition(settings.prometheus_multiproc_dir, BacklogCollector(queues, backlogs))
+    return Response(text_format, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @operation(bp, "/openapi.json", "GET", summary="This OpenAPI document", responses={200: None})
@@ -119,6 +136,6 @@ def install_metrics(app: Flask) -> None:
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         started = g.get("request_started")
         if started is not None:
-            LATENCY.labels(request.method, endpoint).observe(time.perf_counter() - started)
-        REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+            _latency(request.method, endpoint).observe(time.perf_counter() - started)
+        _requests(request.method, endpoint, str(response.status_code)).inc()
         return response

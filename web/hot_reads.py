@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from flask import Flask
 
 from shared.cache import ProductCache
+from shared.metrics import Bound
 from web.health import LATENCY, REQUESTS
 from web.schemas import MAX_ID
 
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 # The canonical ids only (no sign, no leading zero): any other path is Flask's to answer.
 _PRODUCT_PATH = re.compile(r"^/v1/products/([1-9][0-9]{0,18})$")
 ENDPOINT = "/v1/products/<id:product_id>"  # the view's rule: the metrics' endpoint label
+# Set in the environ when the cache was asked and missed: the view does not ask again.
+CACHE_MISSED = "shop.product_cache_missed"
+_counted = Bound(REQUESTS)("GET", ENDPOINT, "200")
+_timed = Bound(LATENCY)("GET", ENDPOINT)
 
 
 def _without_body(environ: WSGIEnvironment) -> bool:
@@ -52,9 +57,10 @@ def install_hot_product_reads(app: Flask, cache: ProductCache) -> None:
                         "200 OK",
                         [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
                     )
-                    LATENCY.labels("GET", ENDPOINT).observe(time.perf_counter() - started)
-                    REQUESTS.labels("GET", ENDPOINT, "200").inc()
+                    _timed.observe(time.perf_counter() - started)
+                    _counted.inc()
                     return [body]
+                environ[CACHE_MISSED] = True
         return inner(environ, start_response)
 
     app.wsgi_app = wsgi  # type: ignore[method-assign]  # Flask's middleware idiom

@@ -6,7 +6,7 @@ import dataclasses
 import datetime as dt
 import json
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from shared.cache import ProductCache
 from shared.config import Settings
@@ -22,6 +22,7 @@ from shared.domain.sales import top_sellers
 from shared.jobs import JobKind
 from shared.top_sellers_cache import MAX_TOP, TopSellersCache
 from web.api import operation, query_or_body
+from web.hot_reads import CACHE_MISSED
 from web.publish import accept_job
 from web.render import render, top_sellers_ranking
 from web.schemas import (
@@ -109,10 +110,11 @@ def get_top_products(query: TopSellersQuery) -> Response:
 )
 def get_product_by_id(product_id: int) -> Response:
     # Usually answered before Flask by web.hot_reads; here when that did not (a trailing
-    # slash, a body...), with the same bytes.
-    cached = _cache().get_product_json(product_id)
-    if cached is not None:
-        return Response(cached + b"\n", mimetype="application/json")
+    # slash, a body...), with the same bytes, or when it asked and missed.
+    if not request.environ.get(CACHE_MISSED):
+        cached = _cache().get_product_json(product_id)
+        if cached is not None:
+            return Response(cached + b"\n", mimetype="application/json")
     # A miss reads the primary: the entry it fills must be the committed product (a
     # replica could put an older version back after its writer's refresh was lost).
     product = get_product(primary_read_session(), product_id)

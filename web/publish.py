@@ -32,15 +32,20 @@ from shared.jobs import (
     JobKind,
     JobRecord,
     JobStatus,
+    NewJob,
     fingerprint,
     get_job,
+    partition_for_job,
     record,
+    record_many,
     task_for_queue,
     wake_key,
 )
+from shared.metrics import count_accepted
 from web.breaker import Breaker
 from web.errors import ApiError, unavailable, validation_error
 from web.jobs import await_document, current_document
+from web.recording import GroupCommit
 from web.session import autocommit
 from web.waiters import JobWaiters
 
@@ -57,6 +62,9 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,128}$")
 class Publisher(Protocol):
     def wake(self, queue: str) -> None:
         """Make sure the consumer of ``queue`` will look at its pending jobs."""
+
+    def wake_many(self, queues: list[str]) -> None:
+        """``wake`` each of ``queues`` (one round trip where the broker allows)."""
 
     def ping(self) -> None:
         """Raise if the broker cannot be reached."""
@@ -88,7 +96,10 @@ class CeleryPublisher:
 
     def wake(self, queue: str) -> None:
         """One wake-up in flight per partition: set its flag and send, or do nothing."""
-        self._wake_ups.wake(wake_key(queue), queue, WAKE_FLAG_SECONDS)
+        self.wake_many([queue])
+
+    def wake_many(self, queues: list[str]) -> None:
+        self._wake_ups.wake_many([(wake_key(q), q) for q in queues], WAKE_FLAG_SECONDS)
 
     def ping(self) -> None:
         self._broker.ping()
@@ -114,6 +125,7 @@ def install_publishing(app: Any, settings: Settings, publisher: Publisher | None
     app.extensions["publisher"] = publisher or CeleryPublisher(settings)
     app.extensions["db_breaker"] = db_breaker
     app.extensions["broker_breaker"] = broker_breaker
+    app.extensions["job_recorder"] = GroupCommit[NewJob, JobRecord]()
 
 
 def _idempotency_scope() -> str | None:
@@ -192,42 +204,105 @@ def _committed_anyway(job_id: uuid.UUID) -> JobRecord | None:
     return None
 
 
+class _WriteFailed(Exception):
+    """A batch's INSERT failed; ``connected``: it reached the database (the rows may exist)."""
+
+    def __init__(self, connected: bool) -> None:
+        super().__init__("the job rows could not be written")
+        self.connected = connected
+
+
+def _write_batch(batch: list[NewJob]) -> list[JobRecord]:
+    """One INSERT (its own transaction) for a batch of job rows, then their partitions
+    woken in one round trip.  Runs through the database breaker, in the request that
+    writes the batch (``web.recording``)."""
+    db_breaker: Breaker = current_app.extensions["db_breaker"]
+
+    def insert() -> list[JobRecord]:
+        connected = False
+        try:
+            with autocommit() as connection:
+                connected = True
+                return record_many(connection, batch)
+        except DBAPIError as exc:
+            raise _WriteFailed(connected) from exc
+
+    jobs: list[JobRecord] = db_breaker.call(insert)
+    _wake({job.partition for job in jobs})
+    return jobs
+
+
+def _wake(queues: set[str]) -> None:
+    """Committed: from here on the answer is 202, whatever this does (the sweeper re-sends
+    a wake-up that is lost)."""
+    publisher: Publisher = current_app.extensions["publisher"]
+    broker_breaker: Breaker = current_app.extensions["broker_breaker"]
+    try:
+        broker_breaker.call(publisher.wake_many, sorted(queues))
+    except Exception as exc:
+        log.warning("jobs of %s committed but not sent (sweeper will): %s", sorted(queues), exc)
+
+
+def _unavailable_unless_committed(
+    job_id: uuid.UUID, connected: bool, exc: BaseException
+) -> JobRecord:
+    """After a failed write: the job, if its row was committed after all; else 503."""
+    found = _committed_anyway(job_id) if connected else None
+    if found is None:
+        log.warning("job not accepted, database unavailable: %s", exc)
+        raise unavailable("the database is unavailable; retry later") from exc
+    log.warning("job %s: the answer to COMMIT was lost, the row is there: %s", found.id, exc)
+    _wake({found.partition})
+    return found
+
+
 def _record_and_commit(
     kind: JobKind, payload: dict[str, Any], scope: str | None, job_id: uuid.UUID
 ) -> JobRecord:
-    """Write the job row and commit (through the database breaker); 503 / 422 if not."""
-    settings = settings_of()
+    """Write the job row, committed, and wake its partition; 503 / 422 if not written.
+
+    Without an Idempotency-Key the row joins the group commit of the requests in flight
+    (``web.recording``); with one, it is written alone (its conflict decides the answer).
+    """
+    if scope is None:
+        recorder: GroupCommit[NewJob, JobRecord] = current_app.extensions["job_recorder"]
+        partition = partition_for_job(kind, payload, settings_of().partitions)
+        try:
+            return recorder.submit(NewJob(job_id, kind, partition, payload), _write_batch)
+        except _WriteFailed as failed:
+            cause = failed.__cause__ or failed
+            return _unavailable_unless_committed(job_id, failed.connected, cause)
+        except pybreaker.CircuitBreakerError as exc:
+            return _unavailable_unless_committed(job_id, False, exc)
+
     db_breaker: Breaker = current_app.extensions["db_breaker"]
-    committing = False
+    connected = False
 
     def record_and_commit() -> JobRecord:
-        nonlocal committing
+        nonlocal connected
         with autocommit() as connection:
-            committing = True  # connected: from here on the row may exist, answer or not
-            recorded = record(
+            connected = True  # from here on the row may exist, answer or not
+            return record(
                 connection,
                 kind=kind,
                 payload=payload,
-                partitions=settings.partitions,
+                partitions=settings_of().partitions,
                 idempotency_scope=scope,
-                request_hash=fingerprint(request.method, request.path, payload) if scope else None,
+                request_hash=fingerprint(request.method, request.path, payload),
                 job_id=job_id,
-            )
-        return recorded.job
+            ).job
 
     try:
-        return db_breaker.call(record_and_commit)
+        job: JobRecord = db_breaker.call(record_and_commit)
     except IdempotencyKeyReused as exc:
         raise ApiError(
             422, ErrorCode.IDEMPOTENCY_KEY_REUSED, "this Idempotency-Key was used with other input"
         ) from exc
     except (pybreaker.CircuitBreakerError, DBAPIError) as exc:
-        found = _committed_anyway(job_id) if committing else None
-        if found is None:
-            log.warning("job not accepted, database unavailable: %s", exc)
-            raise unavailable("the database is unavailable; retry later") from exc
-        log.warning("job %s: the answer to COMMIT was lost, the row is there: %s", found.id, exc)
-        return found
+        return _unavailable_unless_committed(job_id, connected, exc)
+    if job.pending:
+        _wake({job.partition})
+    return job
 
 
 def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
@@ -247,12 +322,8 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
     job_id = uuid.uuid4()
     with waiters.waiting(str(job_id)) if wait else contextlib.nullcontext() as waiter:
         job = _record_and_commit(kind, payload, scope, job_id)
-        # Committed: from here on the answer is 202 (the sweeper covers a failed send).
-        if job.pending:
-            try:
-                broker_breaker.call(publisher.wake, job.partition)
-            except Exception as exc:
-                log.warning("job %s committed but not sent (sweeper will): %s", job.id, exc)
+        if job.id == job_id:  # committed now, not an Idempotency-Key replay
+            count_accepted(kind.value)
         if wait is None:
             return job_accepted(job)
         if job.id != job_id:  # an Idempotency-Key replay: the existing job's outcome

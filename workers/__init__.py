@@ -15,6 +15,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from shared.broker import TRANSPORT as BROKER_TRANSPORT
 from shared.config import Settings
 from shared.jobs import DRAIN_TASK, HISTORY_TASK, task_for_queue
+from shared.metrics import prepare_multiprocess_dir
 from shared.partitions import HISTORY_QUEUE, all_partition_queues
 from workers.base import RetryLater, Runtime, drain_partition
 
@@ -38,6 +39,7 @@ _RETRY_POLICY: dict[str, Any] = {
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
+    prepare_multiprocess_dir(settings.prometheus_multiproc_dir)
     app = Celery("shop", set_as_current=False)
     app.conf.update(
         broker_url=settings.broker_url,

@@ -31,11 +31,13 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -57,9 +59,11 @@ from shared.jobs import (
     lock_pending_batch,
     lock_pending_job,
     note_drain,
+    partition_has_pending,
     wake_key,
     wake_partition,
 )
+from shared.metrics import count_finished, draining, observe_batch
 from shared.partitions import HISTORY_QUEUE, PartitionKind
 
 log = logging.getLogger(__name__)
@@ -127,6 +131,8 @@ class Runtime:
         self._send = send
         self._lock = threading.Lock()
         self._session_factory: sessionmaker[Session] | None = None
+        self._injected = False
+        self._autocommit: Engine | None = None
         self._coordination: redis.Redis | None = None
         self._broker_client: redis.Redis | None = None
         self._cache: ProductCache | None = None
@@ -144,6 +150,26 @@ class Runtime:
 
     def use_session_factory(self, factory: sessionmaker[Session]) -> None:
         self._session_factory = factory
+        self._injected = True
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection | Session]:
+        """A connection on which a statement is its own transaction (one round trip, no
+        BEGIN/ROLLBACK); tests that inject a session factory get a session of it."""
+        if self._injected:
+            with self.session_factory() as session:
+                yield session
+            return
+        with self._autocommit_engine().connect() as connection:
+            yield connection
+
+    def _autocommit_engine(self) -> Engine:
+        engine: Engine = self.session_factory.kw["bind"]  # (takes the lock itself)
+        with self._lock:
+            if self._autocommit is None:
+                # The same pool; its connections switched to autocommit while checked out.
+                self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+            return self._autocommit
 
     @property
     def coordination(self) -> redis.Redis:
@@ -230,41 +256,48 @@ MAX_BATCHES_PER_DRAIN = 20
 
 
 def drain_partition(rt: Runtime, queue: str) -> int:
+    """Apply the PENDING jobs of ``queue`` in commit order; returns how many finished
+    (``_drain``), counted and timed (``shop_drains_total``, ``shop_drain_seconds``)."""
+    with draining(queue):
+        return _drain(rt, queue)
+
+
+def _drain(rt: Runtime, queue: str) -> int:
     """Apply the PENDING jobs of ``queue`` in commit order; returns how many finished.
 
     The wake flag stays set while the partition is drained, so web sends no
     further wake-ups for jobs this drain will find anyway.  When a batch comes
-    back short, the flag is cleared and the partition read once more: a job
-    committed before the clear is found by that read and applied (the drain then
-    takes the flag back and goes on, no message needed); a job committed after
-    the clear sets the flag itself and sends a wake-up (``web.publish``).  No job
-    is left behind.  After ``MAX_BATCHES_PER_DRAIN`` the partition is woken by a
-    message instead, behind the other partitions' wake-ups, so a busy one cannot
-    hold a pool thread for ever.
+    back short, the flag is cleared and the partition looked at once more (one
+    statement): a job committed before the clear is found by that look, and the
+    drain takes the flag back and goes on (no message needed); a job committed
+    after the clear sets the flag itself and sends a wake-up (``web.publish``).
+    No job is left behind.  After ``MAX_BATCHES_PER_DRAIN`` the partition is woken
+    by a message instead, behind the other partitions' wake-ups, so a busy one
+    cannot hold a pool thread for ever.
     """
     done = 0
-    flagged = True
     for _ in range(MAX_BATCHES_PER_DRAIN):
         applied = apply_next_batch(rt, queue)
         done += applied
-        if flagged and applied >= rt.settings.batch_size:
+        if applied >= rt.settings.batch_size:
             continue  # a full batch: more are waiting; the flag keeps web quiet meanwhile
-        if flagged:
-            rt.release(queue)
-            flagged = False  # the next batch is the look after the clear
-            continue
-        if not applied:
+        rt.release(queue)
+        if not has_pending(rt, queue):
             return done
         if not rt.claim(queue):
             return done  # a job committed since sent a wake-up of its own
-        flagged = True
-    if flagged:
-        rt.release(queue)
+    rt.release(queue)
     try:
         rt.wake(queue)  # sends unless a wake-up of someone else's is already in flight
     except Exception as exc:  # the sweeper wakes it if this is lost
         log.warning("could not re-wake %s: %s", queue, exc)
     return done
+
+
+def has_pending(rt: Runtime, queue: str) -> bool:
+    """Whether ``queue`` holds a PENDING job, as committed now (a fresh snapshot)."""
+    with rt.autocommit() as executor:
+        return partition_has_pending(executor, queue)
 
 
 def apply_next_batch(rt: Runtime, queue: str) -> int:
@@ -284,6 +317,7 @@ def apply_next_batch(rt: Runtime, queue: str) -> int:
             _apply_alone(rt, queue, job_id, effects)
     if job_ids:
         effects.drained = queue  # lastDrainAt of GET /v1/admin/partitions
+        observe_batch(queue, len(job_ids))
     after_commit(rt, effects)
     return len(job_ids)
 
@@ -328,7 +362,11 @@ def _apply_alone(rt: Runtime, queue: str, job_id: uuid.UUID, effects: Effects) -
 def after_commit(rt: Runtime, effects: Effects) -> None:
     """Refresh the product cache, run deferred actions, then tell waiters and wake the
     history listener in one round trip (waiters last: whoever is told a job finished
-    finds the cache refreshed).  Never raises."""
+    finds the cache refreshed).  Never raises.
+
+    Every committed outcome passes here exactly once, so this is where jobs are
+    counted finished (in memory: no round trip)."""
+    count_finished(effects.finished)
     if effects.committed_products:
         try:
             rt.cache.refresh_products(effects.committed_products)

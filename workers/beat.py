@@ -13,6 +13,7 @@ from shared.domain.history import has_undelivered_outbox
 from shared.domain.orders import expire_order, list_expired_orders
 from shared.domain.products import get_products, product_document
 from shared.jobs import purge_idempotency_keys, stale_partitions
+from shared.metrics import count_swept
 from shared.partitions import HISTORY_QUEUE
 from shared.table_partitions import ensure_month_partitions
 from workers.base import Effects, Runtime, after_commit
@@ -29,11 +30,14 @@ def sweep_pending_jobs(rt: Runtime) -> list[str]:
     """
     with rt.session_factory() as session:
         queues = stale_partitions(session, dt.timedelta(seconds=rt.settings.sweep_after_seconds))
+    woken: list[str] = []
     for queue in queues:
         # A wake-up already waiting in the queue will do; while the worker is down,
         # re-sending every interval would only pile up messages.
         if rt.backlog(queue) == 0:
             rt.force_wake(queue)
+            woken.append(queue)
+    count_swept(woken)
     if queues:
         log.info("sweeper re-sent wake-ups for %s", queues)
     return queues

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Table, bindparam, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Table, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.domain.errors import (
@@ -68,6 +67,14 @@ _COUNT_ISSUED = (
 )
 
 
+# The batch's new holders in one statement, as array parameters (compiled once).
+_ISSUE = text(
+    "INSERT INTO user_coupons (coupon_id, user_id)"
+    " SELECT * FROM unnest(CAST(:coupons AS bigint[]), CAST(:users AS bigint[]))"
+    " RETURNING coupon_id, user_id, id"
+)
+
+
 def issue_coupons(session: Session, requests: list[IssueRequest]) -> IssueOutcomes:
     """Issue coupons in arrival order; one outcome per request.
 
@@ -125,9 +132,11 @@ def issue_coupons(session: Session, requests: list[IssueRequest]) -> IssueOutcom
         ids = {
             (c, u): i
             for c, u, i in session.execute(
-                insert(UserCoupon)
-                .values(new_rows)
-                .returning(UserCoupon.coupon_id, UserCoupon.user_id, UserCoupon.id)
+                _ISSUE,
+                {
+                    "coupons": [row["coupon_id"] for row in new_rows],
+                    "users": [row["user_id"] for row in new_rows],
+                },
             )
         }
     outcomes: list[IssuedCoupon | DomainError] = [

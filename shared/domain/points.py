@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Select, Table, bindparam, func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import BigInteger, Select, Table, bindparam, func, insert, select, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from shared.domain.errors import DomainError, InsufficientPoints, PointLimitExceeded, unwrap
@@ -43,12 +43,26 @@ class Balance:
     amount: int
 
 
-_points = cast(Table, PointBalance.__table__)  # Core UPDATE with executemany parameters
-_ADD_DELTA = (
-    update(_points)
-    .where(_points.c.user_id == bindparam("u"))
-    .values(balance=_points.c.balance + bindparam("delta"), updated_at=func.now())
+_points = cast(Table, PointBalance.__table__)
+_histories = cast(Table, PointHistory.__table__)
+# Each statement takes the batch's users as array parameters: compiled once, one round trip.
+_CREATE_ZERO = text(
+    "INSERT INTO points (user_id, balance) SELECT unnest(CAST(:users AS bigint[])), 0"
+    " ORDER BY 1 ON CONFLICT DO NOTHING"
 )
+_LOCK_BALANCES = (
+    select(_points.c.user_id, _points.c.balance)
+    .where(_points.c.user_id == func.any(bindparam("users", type_=ARRAY(BigInteger()))))
+    .order_by(_points.c.user_id)
+    .with_for_update()
+)
+_ADD_DELTAS = text(
+    "UPDATE points SET balance = points.balance + delta.amount, updated_at = now()"
+    " FROM unnest(CAST(:users AS bigint[]), CAST(:deltas AS bigint[])) AS delta(user_id, amount)"
+    " WHERE points.user_id = delta.user_id"
+)
+# Core, not the ORM's bulk insert: one INSERT .. VALUES for the batch (insertmanyvalues).
+_INSERT_HISTORIES = insert(_histories)
 
 
 class PointBook:
@@ -68,20 +82,10 @@ class PointBook:
         self._session = session
         created = sorted(set(create))
         if created:
-            session.execute(
-                insert(PointBalance)
-                .values([{"user_id": u, "balance": 0} for u in created])
-                .on_conflict_do_nothing()
-            )
+            session.execute(_CREATE_ZERO, {"users": created})
         self._users = sorted(set(users) | set(created))
-        self._start: dict[int, int] = dict(
-            session.execute(
-                select(PointBalance.user_id, PointBalance.balance)
-                .where(PointBalance.user_id.in_(self._users))
-                .order_by(PointBalance.user_id)
-                .with_for_update()
-            ).all()
-        )
+        locked = session.execute(_LOCK_BALANCES, {"users": self._users})
+        self._start: dict[int, int] = dict(locked.all())
         self._balances = dict(self._start)
         self._histories: list[dict[str, object]] = []
 
@@ -142,15 +146,17 @@ class PointBook:
 
     def write(self) -> None:
         """Each changed row once (its net delta), then the history rows, in order."""
-        deltas = [
-            {"u": u, "delta": self._balances[u] - self._start[u]}
-            for u in self._users
-            if self._balances.get(u, 0) != self._start.get(u, 0)
-        ]
-        if deltas:
-            self._session.execute(_ADD_DELTA, deltas)
+        changed = [u for u in self._users if self._balances.get(u, 0) != self._start.get(u, 0)]
+        if changed:
+            self._session.execute(
+                _ADD_DELTAS,
+                {
+                    "users": changed,
+                    "deltas": [self._balances[u] - self._start[u] for u in changed],
+                },
+            )
         if self._histories:
-            self._session.execute(insert(PointHistory), self._histories)
+            self._session.execute(_INSERT_HISTORIES, self._histories)
 
 
 def apply_point_requests(
