@@ -23,8 +23,10 @@ Where the server offers ``pg_trgm`` (and lets us create it), a trigram GIN index
 Alembic environment leaves it out of ``alembic check``, like the partitions.
 
 The previous release keeps working against this schema: it inserts into the same
-tables (through the parents) and its ``ON CONFLICT ON CONSTRAINT
-uq_order_histories_order_id_status`` still names a unique constraint.
+tables (through the parents; the triggers write the keys) and its ``ON CONFLICT ON
+CONSTRAINT uq_order_histories_order_id_status`` still names a unique constraint.  A
+state it delivered twice would now be refused by the trigger rather than skipped; its
+outbox marks rows delivered in the transaction that records them, so it never does.
 
 Revision ID: 41d86260e91d
 Revises: 1ea64ce0f541
