@@ -92,9 +92,15 @@ def test_flower_shows_workers_queues_and_backlogs_behind_basic_auth(
         )
     host = socket.gethostname()
 
-    workers = dump_dom(flower.url("/workers"), tmp_path)
-    assert f"partitions0@{host}" in workers
-    assert f"history-{rig.stack.port}@{host}" in workers
+    expected = (f"partitions0@{host}", f"history-{rig.stack.port}@{host}")
+    # Flower fills its workers table as each worker answers its inspection: poll the page.
+    pages: list[str] = []
+
+    def all_listed() -> bool:
+        pages.append(dump_dom(flower.url("/workers"), tmp_path))
+        return all(name in pages[-1] for name in expected)
+
+    wait_until(all_listed, 60, "both workers listed in Flower")
     screenshot(flower.url("/workers"), tmp_path / "flower-workers.png", tmp_path)
 
     page = dump_dom(flower.url(f"/worker/partitions0@{host}"), tmp_path)
