@@ -96,6 +96,13 @@ class Client:
 
     async def submit(self, path: str, body: dict[str, Any]) -> tuple[float | None, str | None]:
         """POST a job and await it: (when it was accepted, its final status), or Nones."""
+        accepted, doc = await self.submit_for_document(path, body)
+        return accepted, None if doc is None else str(doc["status"])
+
+    async def submit_for_document(
+        self, path: str, body: dict[str, Any]
+    ) -> tuple[float | None, dict[str, Any] | None]:
+        """POST a job and await it: (when it was accepted, its finished status document)."""
         headers = f"Prefer: wait={self.prefer_wait}\r\n" if self.prefer_wait else ""
         try:
             status, doc = await self.call("POST", path, body, headers)
@@ -108,11 +115,14 @@ class Client:
             return None, None
         if status == 200 and doc.get("status") != "PENDING":
             self.direct += 1
-            return accepted, str(doc["status"])
-        state = await self.await_job(str(doc["jobId"]))
-        return accepted, state
+            return accepted, doc
+        return accepted, await self.await_document(str(doc["jobId"]))
 
     async def await_job(self, job_id: str) -> str | None:
+        doc = await self.await_document(job_id)
+        return None if doc is None else str(doc["status"])
+
+    async def await_document(self, job_id: str) -> dict[str, Any] | None:
         deadline = time.monotonic() + self.give_up_after
         while time.monotonic() < deadline:
             self.polls += 1
@@ -126,7 +136,7 @@ class Client:
                 self.errors[f"poll http {status}"] += 1
                 return None
             if doc.get("status") != "PENDING":
-                return str(doc["status"])
+                return doc
         self.errors["still PENDING when the client gave up"] += 1
         return None
 
@@ -154,8 +164,14 @@ async def open_loop(
 # ---- the mixed load ----------------------------------------------------------------
 
 
+PAYERS = 500  # users who place the mixed load's orders, and pay them
+
+
 async def mixed(cfg: dict[str, Any]) -> dict[str, Any]:
-    """60% orders, 20% point charges, 10% coupon issues, 10% product reads, every job awaited."""
+    """60% orders, 20% point charges, 10% coupon issues, 10% product reads, every job awaited;
+    each order that succeeds is paid by its user ``pay_after`` seconds later (a payment job,
+    awaited too: arrivals on top of the offered rate).  Orders are placed by ``PAYERS``
+    users, each charged 1,000,000 points before the load, so payments are covered."""
     rate, seconds = float(cfg["rate"]), float(cfg["seconds"])
     products: list[int] = cfg["products"]
     coupons: list[int] = cfg["coupons"]
@@ -165,6 +181,7 @@ async def mixed(cfg: dict[str, Any]) -> dict[str, Any]:
     kinds = [k for k, _ in mix]
     weights = [w for _, w in mix]
     max_in_flight = int(cfg.get("max_in_flight", 5000))
+    pay_after: tuple[float, float] | None = cfg.get("pay_after", (0.5, 3.0))
 
     accept_at: list[float] = []  # seconds since start when the POST was answered
     done_at: list[float] = []
@@ -205,7 +222,7 @@ async def mixed(cfg: dict[str, Any]) -> dict[str, Any]:
         if kind == "order":
             path = "/v1/orders"
             body: dict[str, Any] = {
-                "userId": rng.randint(1, 1_000_000),
+                "userId": rng.choice(payers) if pay_after else rng.randint(1, 1_000_000),
                 "orderLines": [{"productId": rng.choice(products), "quantity": 1}],
             }
         elif kind == "charge":
@@ -214,24 +231,49 @@ async def mixed(cfg: dict[str, Any]) -> dict[str, Any]:
         else:
             path = f"/v1/coupons/{rng.choice(coupons)}/issue"
             body = {"userId": rng.randint(1, 1_000_000)}
-        accepted, state = await client.submit(path, body)
+        await job(kind, path, body, scheduled)
+
+    async def job(kind: str, path: str, body: dict[str, Any], scheduled: float) -> None:
+        accepted, doc = await client.submit_for_document(path, body)
         if accepted is None:
             return
         accept_at.append(accepted - start)
         accept_latency.append(accepted - scheduled)
-        if state is None:
+        if doc is None:
             return
         finished = time.monotonic()
         done_at.append(finished - start)
         complete_latency.append(finished - scheduled)
-        outcomes[f"{kind} {state}"] += 1
+        outcomes[f"{kind} {doc['status']}"] += 1
+        if kind == "order" and doc["status"] == "SUCCEEDED" and pay_after:
+            task = asyncio.ensure_future(pay(int(doc["result"]["orderId"]), int(body["userId"])))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
 
+    async def pay(order_id: int, user_id: int) -> None:
+        await asyncio.sleep(rng.uniform(*pay_after))
+        counts["pay"] += 1
+        await job("pay", f"/v1/orders/{order_id}/payment", {"userId": user_id}, time.monotonic())
+
+    # The payers are charged once before the load (jobs like any other, so the invariants
+    # hold), enough for every order they will pay.
+    payers = list(range(users_lo, min(users_lo + PAYERS, users_hi + 1)))
+    if pay_after:
+        setup = asyncio.Semaphore(32)
+
+        async def fund(user: int) -> None:
+            async with setup:
+                await client.submit("/v1/points/charge", {"userId": user, "amount": 1_000_000})
+
+        await asyncio.gather(*(fund(u) for u in payers))
+        start = time.monotonic() + 0.2
     print("LOADGEN_EVENT started", flush=True)
     arrivals, worst_lag = await open_loop(rate, seconds, start, arrival, in_flight)
     end_of_schedule = time.monotonic()
     print("LOADGEN_EVENT scheduled", flush=True)
-    if in_flight:
-        await asyncio.wait(set(in_flight), timeout=cfg["give_up_after"] + 15)
+    deadline = time.monotonic() + cfg["give_up_after"] + 15
+    while in_flight and time.monotonic() < deadline:  # payments keep joining until the end
+        await asyncio.wait(set(in_flight), timeout=deadline - time.monotonic())
     unfinished = len(in_flight)
     for task in list(in_flight):
         task.cancel()
@@ -241,7 +283,7 @@ async def mixed(cfg: dict[str, Any]) -> dict[str, Any]:
     def within(at: list[float]) -> int:
         return sum(1 for t in at if t <= seconds)
 
-    jobs_offered = counts["order"] + counts["charge"] + counts["issue"]
+    jobs_offered = counts["order"] + counts["charge"] + counts["issue"] + counts["pay"]
     return {
         "offered_per_s": arrivals / seconds,
         "arrivals": arrivals,
