@@ -7,7 +7,11 @@ nothing else in ``shared`` commits, rolls back or closes.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine
+import select
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
@@ -26,16 +30,15 @@ def make_engine(
 ) -> Engine:
     """The process's engine for the primary (or ``url``, e.g. the replica).
 
-    ``pre_ping`` costs a round trip per checkout: workers keep it (one per batch);
-    web turns it off, because a dead connection already fails that one request as
-    a 503 and SQLAlchemy then invalidates the pool's older connections.
+    ``pre_ping`` costs a round trip per checkout; web and workers turn it off and
+    rely on ``_discard_dropped`` instead, which costs none.
     """
     options = (
         f"-c statement_timeout={settings.db_statement_timeout_ms}"
         f" -c lock_timeout={settings.db_lock_timeout_ms}"
         " -c timezone=UTC"
     )
-    return create_engine(
+    engine = create_engine(
         url or settings.sqlalchemy_url,
         isolation_level=ISOLATION_LEVEL,
         pool_size=pool_size or settings.db_pool_size,
@@ -48,6 +51,25 @@ def make_engine(
             "application_name": f"shop-{settings.app_env.value}",
         },
     )
+    event.listen(engine, "checkout", _discard_dropped)
+    return engine
+
+
+def _discard_dropped(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """A pooled connection the server has dropped is not handed out.
+
+    An idle connection has nothing to read unless the server ended it (after a restart
+    or a shutdown it sends a FATAL, then closes): one non-blocking poll of its socket,
+    no round trip, tells.  Raising DisconnectionError makes the pool discard it and
+    check out another (SQLAlchemy's documented checkout hook), so the first request
+    after a database restart is not answered 503 by a stale connection of its pool.
+    """
+    try:
+        readable, _, _ = select.select([dbapi_connection.pgconn.socket], [], [], 0)
+    except Exception as exc:  # its socket is gone already (psycopg raises, or select does)
+        raise DisconnectionError("connection closed by the server") from exc
+    if readable:
+        raise DisconnectionError("connection closed by the server")
 
 
 def make_probe_engine(settings: Settings, url: str, name: str) -> Engine:
