@@ -24,6 +24,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
+from urllib3.util.retry import Retry
 
 from shared.config import AppEnv, Settings, redis_url_for, to_sqlalchemy_url
 from shared.embedded import migrate
@@ -182,7 +183,13 @@ def stack(
 @pytest.fixture
 def http(stack: Stack) -> Iterator[requests.Session]:
     session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=256)
+    # A pooled keep-alive connection the server closes as the next request goes out is a
+    # race of HTTP itself: reads retry it; job POSTs and PUTs never do, so a test never
+    # sends a job twice without knowing.
+    retry = Retry(
+        total=3, connect=3, read=2, status=0, backoff_factor=0.05, allowed_methods={"GET", "HEAD"}
+    )
+    adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=256, max_retries=retry)
     session.mount("http://", adapter)
     yield session
     session.close()

@@ -34,6 +34,8 @@ COMMANDS: dict[str, list[str]] = {
         "2048",
         "--graceful-timeout",
         "5",
+        "--keep-alive",
+        "5",  # as the Procfile
     ],
     "worker": [sys.executable, "-m", "workers.boot"],
     "history": [
