@@ -15,7 +15,7 @@ from sqlalchemy import text
 from shared.jobs import Backlog, partition_backlogs
 from shared.metrics import BacklogCollector, Bound, exposition
 from shared.partitions import all_partition_queues
-from web.api import build_openapi, operation
+from web.api import build_openapi, operation, settings
 from web.render import render
 from web.schemas import Health, Readiness, ReadinessChecks
 
@@ -100,15 +100,16 @@ def get_metrics() -> Response:
     """Every process's metrics (web's gunicorn workers, the workers, the history listener
     and beat) when PROMETHEUS_MULTIPROC_DIR is set, else this process's; and the backlog
     of every partition, read now (the only metric that costs a query, at scrape time)."""
-    settings = current_app.extensions["settings"]
     factory = current_app.extensions["session_factory"]
 
     def backlogs() -> dict[str, Backlog]:
         with factory() as session:  # its own session, as /readyz's probe
             return partition_backlogs(session)
 
-    queues = all_partition_queues(settings.partitions)
-    text_format = exposition(settings.prometheus_multiproc_dir, BacklogCollector(queues, backlogs))
+    queues = all_partition_queues(settings().partitions)
+    text_format = exposition(
+        settings().prometheus_multiproc_dir, BacklogCollector(queues, backlogs)
+    )
     return Response(text_format, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

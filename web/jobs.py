@@ -8,9 +8,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify
 from werkzeug.exceptions import NotFound
 
-from shared.config import Settings
 from shared.jobs import document_of, get_job, get_job_with_position
-from web.api import operation
+from web.api import operation, settings
 from web.schemas import JobView, JobWaitQuery
 from web.session import autocommit
 from web.waiters import JobWaiters
@@ -46,8 +45,7 @@ def await_document(job_id: uuid.UUID, seconds: float) -> dict[str, Any] | None:
 
 
 def wait_cap(requested: int) -> int:
-    settings: Settings = current_app.extensions["settings"]
-    return min(requested, settings.max_wait_seconds)
+    return min(requested, settings().max_wait_seconds)
 
 
 @operation(

@@ -9,7 +9,6 @@ import json
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from shared.cache import ProductCache
-from shared.config import Settings
 from shared.domain.products import (
     ProductQuery,
     ProductSort,
@@ -21,7 +20,7 @@ from shared.domain.products import (
 from shared.domain.sales import top_sellers
 from shared.jobs import JobKind
 from shared.top_sellers_cache import MAX_TOP, TopSellersCache
-from web.api import operation, query_or_body
+from web.api import operation, query_or_body, settings
 from web.hot_reads import CACHE_MISSED
 from web.publish import accept_job
 from web.render import render, top_sellers_ranking
@@ -86,10 +85,9 @@ def get_top_products(query: TopSellersQuery) -> Response:
     else:
         # A replica may compute it if its data plus the cache's lifetime stay within
         # API.md's 60 s; generatedAt is then as old as the data it was computed from.
-        settings: Settings = current_app.extensions["settings"]
         top, behind = lagging_read(
             lambda s: top_sellers(s, days=query.days, limit=MAX_TOP),
-            max_lag=max(0.0, 60.0 - settings.top_sellers_cache_seconds),
+            max_lag=max(0.0, 60.0 - settings().top_sellers_cache_seconds),
         )
         if behind:
             top = dataclasses.replace(

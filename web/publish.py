@@ -42,6 +42,7 @@ from shared.jobs import (
     wake_key,
 )
 from shared.metrics import count_accepted
+from web.api import settings
 from web.breaker import Breaker
 from web.errors import ApiError, unavailable, validation_error
 from web.jobs import await_document, current_document
@@ -153,13 +154,8 @@ def preferred_wait() -> int | None:
             value = value.strip().strip('"')
             if not value.isascii() or not value.isdigit() or int(value) <= 0:
                 return None
-            return min(int(value), MAX_PREFER_WAIT_SECONDS, settings_of().max_wait_seconds)
+            return min(int(value), MAX_PREFER_WAIT_SECONDS, settings().max_wait_seconds)
     return None
-
-
-def settings_of() -> Settings:
-    settings: Settings = current_app.extensions["settings"]
-    return settings
 
 
 def job_accepted(job: JobRecord) -> Response:
@@ -266,7 +262,7 @@ def _record_and_commit(
     """
     if scope is None:
         recorder: GroupCommit[NewJob, JobRecord] = current_app.extensions["job_recorder"]
-        partition = partition_for_job(kind, payload, settings_of().partitions)
+        partition = partition_for_job(kind, payload, settings().partitions)
         try:
             return recorder.submit(NewJob(job_id, kind, partition, payload), _write_batch)
         except _WriteFailed as failed:
@@ -286,7 +282,7 @@ def _record_and_commit(
                 connection,
                 kind=kind,
                 payload=payload,
-                partitions=settings_of().partitions,
+                partitions=settings().partitions,
                 idempotency_scope=scope,
                 request_hash=fingerprint(request.method, request.path, payload),
                 job_id=job_id,
