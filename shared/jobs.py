@@ -131,7 +131,6 @@ def fingerprint(method: str, path: str, payload: dict[str, Any]) -> str:
 
 _jobs = cast(Table, Job.__table__)
 # Only what the server makes: the rest of a new row is what the caller gave.
-_INSERT = insert(_jobs).returning(_jobs.c.seq, _jobs.c.created_at)
 _INSERT_ONCE = (
     insert(_jobs)
     .on_conflict_do_nothing(index_elements=["idempotency_key"])
@@ -201,6 +200,16 @@ class IdempotencyKeyReused(Exception):
     """The key was used before with other input."""
 
 
+@dataclass(frozen=True)
+class NewJob:
+    """A job row about to be written (without an Idempotency-Key)."""
+
+    id: uuid.UUID
+    kind: JobKind
+    partition: str
+    payload: dict[str, Any]
+
+
 def record(
     executor: Executor,
     *,
@@ -219,16 +228,19 @@ def record(
     matches, else ``IdempotencyKeyReused`` is raised.  ``job_id`` lets the caller know
     the id before the row exists (to listen for its outcome first).
     """
-    values: dict[str, Any] = {
-        "id": job_id or uuid.uuid4(),
-        "kind": kind.value,
-        "partition": partition_for_job(kind, payload, partitions),
-        "payload": payload,
-    }
+    new = NewJob(
+        job_id or uuid.uuid4(), kind, partition_for_job(kind, payload, partitions), payload
+    )
     if idempotency_scope is None:
-        seq, created_at = executor.execute(_INSERT, values).one()
-        return Recorded(_new_record(values, seq, created_at), created=True)
-    values |= {"idempotency_key": idempotency_scope, "request_hash": request_hash}
+        return Recorded(record_many(executor, [new])[0], created=True)
+    values: dict[str, Any] = {
+        "id": new.id,
+        "kind": kind.value,
+        "partition": new.partition,
+        "payload": payload,
+        "idempotency_key": idempotency_scope,
+        "request_hash": request_hash,
+    }
     inserted = executor.execute(_INSERT_ONCE, values).one_or_none()
     if inserted is not None:
         return Recorded(_new_record(values, *inserted), created=True)
@@ -241,16 +253,6 @@ def record(
 
 
 _GET_JOB = _SELECT.where(_jobs.c.id == bindparam("job_id"))
-
-
-@dataclass(frozen=True)
-class NewJob:
-    """A job row about to be written (without an Idempotency-Key)."""
-
-    id: uuid.UUID
-    kind: JobKind
-    partition: str
-    payload: dict[str, Any]
 
 
 # Many job rows in one statement, as array parameters (compiled once for any count);
@@ -342,12 +344,6 @@ def get_job_with_position(
     fields = dict(row._mapping)
     ahead = fields.pop("ahead")
     return JobRecord(**fields), ahead
-
-
-def jobs_ahead(executor: Executor, job: JobRecord) -> int:
-    """PENDING jobs of the job's partition committed before it, counted up to POSITION_CAP."""
-    found = get_job_with_position(executor, job.id)
-    return 0 if found is None or found[1] is None else found[1]
 
 
 def job_document(
@@ -567,9 +563,9 @@ def purge_idempotency_keys(session: Session, older_than: dt.timedelta) -> int:
 
 # ---- what operators see of the partitions (GET /v1/admin/partitions) ----------
 
-# Coordination db hash: partition queue -> when a drainer last committed a batch of
-# it (epoch milliseconds).  Kept outside PostgreSQL: written after commit, once per
-# batch, off the batch's transaction.
+# Broker db hash: partition queue -> when a drainer last committed a batch of it (epoch
+# milliseconds).  Kept outside PostgreSQL: written after commit, in the pipeline that
+# announces the batch, off the batch's transaction.
 LAST_DRAIN_KEY = "partitions:last_drain"
 
 

@@ -26,7 +26,7 @@ from shared.jobs import (
     finish_jobs,
     get_finished_jobs,
     get_job,
-    jobs_ahead,
+    get_job_with_position,
     lock_pending_batch,
     lock_pending_job,
     partition_for_job,
@@ -292,17 +292,24 @@ def test_a_job_is_finished_once(db_session: Session) -> None:
     assert (row.status, row.error) == ("SUCCEEDED", None)
 
 
+def _ahead(session: Session, job: JobRecord) -> int:
+    found = get_job_with_position(session, job.id)
+    assert found is not None
+    assert found[1] is not None  # PENDING: it has a position
+    return found[1]
+
+
 def test_position_counts_the_pending_jobs_committed_before(db_session: Session) -> None:
     payload = {"userId": 4242, "amount": 1}
     jobs = [
         record(db_session, kind=JobKind.POINTS_CHARGE, payload=payload, partitions=COUNT).job
         for _ in range(5)
     ]
-    before = jobs_ahead(db_session, jobs[0])  # other suites' leftovers on this partition
+    before = _ahead(db_session, jobs[0])  # other suites' leftovers on this partition
     _fail(db_session, jobs[1], ErrorCode.INSUFFICIENT_POINTS, "no")
     # jobs[1] finished: it no longer counts for those after it.
-    assert [jobs_ahead(db_session, j) - before for j in (jobs[0], *jobs[2:])] == [0, 1, 2, 3]
-    pending = document_of(jobs[4], jobs_ahead(db_session, jobs[4]))
+    assert [_ahead(db_session, j) - before for j in (jobs[0], *jobs[2:])] == [0, 1, 2, 3]
+    pending = document_of(jobs[4], _ahead(db_session, jobs[4]))
     assert pending["status"] == "PENDING"
     assert pending["position"] == {"partition": jobs[4].partition, "ahead": before + 3}
     assert pending["finishedAt"] is None
