@@ -79,14 +79,18 @@ class ProductCache:
         count_cache_lookup("product", hit=doc is not None)
         return doc
 
-    def _read_product(self, product_id: int) -> dict[str, Any] | None:
+    def _fetch_product(self, product_id: int) -> bytes | None:
+        """The stored entry's bytes; None when absent, or Redis is away (backing off)."""
         if not self._available():
             return None
         try:
-            raw = cast("bytes | None", self._client.get(product_key(product_id)))
+            return cast("bytes | None", self._client.get(product_key(product_id)))
         except redis.RedisError as exc:
             self._failed(exc)
             return None
+
+    def _read_product(self, product_id: int) -> dict[str, Any] | None:
+        raw = self._fetch_product(product_id)
         if raw is None:
             return None
         entry = json.loads(raw)
@@ -103,13 +107,7 @@ class ProductCache:
         return doc
 
     def _read_product_json(self, product_id: int) -> bytes | None:
-        if not self._available():
-            return None
-        try:
-            raw = cast("bytes | None", self._client.get(product_key(product_id)))
-        except redis.RedisError as exc:
-            self._failed(exc)
-            return None
+        raw = self._fetch_product(product_id)
         if raw is None:
             return None
         committed = _COMMITTED.match(raw)
