@@ -283,31 +283,33 @@ class Run:
             stop(proc)
 
 
-def create_products(base: str, prefix: str, count: int) -> list[int]:
-    """Products with a stock no run can exhaust, created through the API."""
+def _admin_create(base: str, path: str, bodies: list[dict[str, Any]]) -> list[int]:
+    """Resources created through the API (admin), one POST each; their ids."""
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     return [
-        requests.post(
-            f"{base}/v1/products",
-            json={"name": f"{prefix} {i}", "price": 100, "stock": STOCK},
-            headers=headers,
-            timeout=10,
-        ).json()["id"]
-        for i in range(count)
+        requests.post(f"{base}{path}", json=body, headers=headers, timeout=10).json()["id"]
+        for body in bodies
     ]
+
+
+def create_products(base: str, prefix: str, count: int) -> list[int]:
+    """Products with a stock no run can exhaust."""
+    return _admin_create(
+        base,
+        "/v1/products",
+        [{"name": f"{prefix} {i}", "price": 100, "stock": STOCK} for i in range(count)],
+    )
 
 
 def create_coupons(base: str, count: int, quantity: int) -> list[int]:
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    return [
-        requests.post(
-            f"{base}/v1/coupons",
-            json={"name": f"bench {i}", "discountAmount": 10, "totalQuantity": quantity},
-            headers=headers,
-            timeout=10,
-        ).json()["id"]
-        for i in range(count)
-    ]
+    return _admin_create(
+        base,
+        "/v1/coupons",
+        [
+            {"name": f"bench {i}", "discountAmount": 10, "totalQuantity": quantity}
+            for i in range(count)
+        ],
+    )
 
 
 # ---- ceilings -----------------------------------------------------------------
