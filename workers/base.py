@@ -236,10 +236,10 @@ def _apply_batch(rt: Runtime, session: Session, jobs: list[JobRecord], effects: 
     ]
     finish_jobs(session, finished)
     effects.finished.extend(finished)
-    _mark_products_pending(rt, session, effects)
+    mark_products_pending(rt, session, effects)
 
 
-def _mark_products_pending(rt: Runtime, session: Session, effects: Effects) -> None:
+def mark_products_pending(rt: Runtime, session: Session, effects: Effects) -> None:
     """Before commit: cached products the batch changed miss until refreshed after commit,
     so that a read after a job shows SUCCEEDED never gets the old stock from the cache."""
     if effects.products:

@@ -7,16 +7,14 @@ import datetime as dt
 import logging
 
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
 from shared.domain.history import has_undelivered_outbox
 from shared.domain.orders import expire_order, list_expired_orders
-from shared.domain.products import get_products, product_document
 from shared.jobs import purge_idempotency_keys, stale_partitions
 from shared.metrics import count_swept
 from shared.partitions import HISTORY_QUEUE
 from shared.table_partitions import ensure_month_partitions
-from workers.base import Effects, Runtime, after_commit
+from workers.base import Effects, Runtime, after_commit, mark_products_pending
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +92,8 @@ def expire_unpaid_orders(rt: Runtime) -> int:
                 if restocked is None:
                     continue
                 effects.history = True
-                _mark_restocked_pending(rt, session, restocked, effects)
+                effects.products |= set(restocked)
+                mark_products_pending(rt, session, effects)
         except DBAPIError as exc:  # the database is away or a lock wait ran out: next run
             log.warning("expiry of order %s not applied: %s", order_id, exc)
             break
@@ -103,13 +102,3 @@ def expire_unpaid_orders(rt: Runtime) -> int:
     if expired:
         log.info("expired %d unpaid orders", expired)
     return expired
-
-
-def _mark_restocked_pending(
-    rt: Runtime, session: Session, product_ids: list[int], effects: Effects
-) -> None:
-    """Before commit, as a partition batch does: the restocked products' cache entries
-    miss until ``after_commit`` stores the documents read here (what the commit makes)."""
-    for product in get_products(session, sorted(set(product_ids))):
-        effects.committed_products[product.id] = (product_document(product), product.version)
-        rt.cache.mark_pending(product.id, product.version)
