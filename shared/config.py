@@ -112,6 +112,17 @@ class Settings:
     breaker_reset_seconds: float = 5.0
 
     log_level: str = "INFO"
+    # ``text`` (the run command's default) or ``json``: one JSON object per line from
+    # every process (container platforms collect that), with the job id on every line
+    # about a job.
+    log_format: str = "text"
+    # web's access log, one line per request: ``on``/``off``; empty follows LOG_FORMAT
+    # (on with ``json``, off with ``text``, so ``make run`` prints what it always did).
+    access_log: str = ""
+    # Proxies in front of web whose X-Forwarded-For is believed (werkzeug's ProxyFix):
+    # the client address (rate limit, access log) is taken that many hops back.  0: the
+    # peer's address, and a forwarded header changes nothing (nobody can spoof one).
+    trusted_proxy_hops: int = 0
 
     # Metrics (README, "Operating it" -> "Metrics").  With PROMETHEUS_MULTIPROC_DIR set
     # (the run command sets it) every process writes its metrics into that folder and
@@ -136,6 +147,7 @@ class Settings:
             raise ConfigError("WORKER_ID must not be negative")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError("METRICS_PORT must be a port number (0: off)")
+        self._check_edge()
         if self.batch_size < 1:
             raise ConfigError("BATCH_SIZE must be at least 1")
         if self.order_payment_timeout_seconds < 1:
@@ -151,6 +163,14 @@ class Settings:
             raise ConfigError("ADMIN_TOKEN is required when APP_ENV=production")
         if self.flower_basic_auth and not _BASIC_AUTH.match(self.flower_basic_auth):
             raise ConfigError("FLOWER_BASIC_AUTH must look like 'user:password'")
+
+    def _check_edge(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"LOG_FORMAT must be 'text' or 'json', not {self.log_format!r}")
+        if self.access_log not in ("", "on", "off"):
+            raise ConfigError(f"ACCESS_LOG must be 'on' or 'off', not {self.access_log!r}")
+        if not 0 <= self.trusted_proxy_hops <= 10:
+            raise ConfigError("TRUSTED_PROXY_HOPS must be in 0..10")
 
     def _check_replicas(self) -> None:
         if self.replica_max_lag_ms < 0:
@@ -182,6 +202,12 @@ class Settings:
                 value = ",".join(_redact_url(part) for part in value.split(","))
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
+
+    @property
+    def access_log_enabled(self) -> bool:
+        if self.access_log:
+            return self.access_log == "on"
+        return self.log_format == "json"
 
     @property
     def rate_limit_enabled(self) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from typing import Any
 
@@ -15,10 +14,11 @@ from shared.cache import ProductCache, make_redis
 from shared.config import Settings, to_sqlalchemy_url
 from shared.db import make_engine, make_probe_engine, make_session_factory
 from shared.jobs import document_of, get_finished_jobs
+from shared.logs import configure as configure_logging
 from shared.metrics import prepare_multiprocess_dir
 from shared.replicas import Replica, ReplicaSet
 from shared.top_sellers_cache import TopSellersCache
-from web import admin, coupons, health, jobs, orders, points, products, users
+from web import access, admin, coupons, health, jobs, orders, points, products, users
 from web.api import IdConverter, install_connection_handling
 from web.errors import register_error_handlers
 from web.hot_reads import install_hot_product_reads
@@ -45,9 +45,7 @@ def create_app(
     publisher: Publisher | None = None,
 ) -> Flask:
     settings = settings or Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings.log_format, settings.log_level, "web")
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider option
@@ -92,6 +90,8 @@ def create_app(
     install_hot_product_reads(app, app.extensions["product_cache"])
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
+    # Last: the outermost layers (client address, request id, access log).
+    access.install_edge(app, settings)
     return app
 
 

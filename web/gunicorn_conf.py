@@ -13,6 +13,9 @@ Bind address, workers and threads stay on the command line (Procfile).
 Metrics: with ``PROMETHEUS_MULTIPROC_DIR`` set, every worker writes its metrics into
 that folder (web's ``/metrics`` adds them up); ``child_exit`` tells prometheus_client
 that a worker is gone, as its multiprocess mode asks.
+
+Logs: with ``LOG_FORMAT=json`` gunicorn's own lines (the master's and the workers')
+are JSON objects too (``shared.logs``, which imports no database driver).
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
 
 
 util.write_error = write_json_error
+
+# The master builds no Settings (see above); these two are read as shared.config reads them.
+if os.environ.get("LOG_FORMAT") == "json":  # noqa: TID251
+    from shared.logs import gunicorn_logconfig
+
+    logconfig_dict = gunicorn_logconfig(os.environ.get("LOG_LEVEL") or "INFO")  # noqa: TID251
 
 
 def child_exit(_server: Any, worker: Any) -> None:

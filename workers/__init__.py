@@ -6,15 +6,17 @@ its wire name; importing this package builds nothing.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Exchange, Queue
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.broker import TRANSPORT as BROKER_TRANSPORT
 from shared.config import Settings
 from shared.jobs import DRAIN_TASK, HISTORY_TASK, task_for_queue
+from shared.logs import configure as configure_logging
 from shared.metrics import prepare_multiprocess_dir
 from shared.partitions import HISTORY_QUEUE, all_partition_queues
 from workers.base import RetryLater, Runtime, drain_partition
@@ -111,10 +113,41 @@ def make_celery(settings: Settings | None = None) -> Celery:
     def send(queue: str) -> None:
         app.send_task(task_for_queue(queue), args=[queue], queue=queue)
 
+    if settings.log_format == "json":
+        _log_as_json(app, settings)
     runtime = Runtime(settings, send)
     app.conf.shop_runtime = runtime
     _register_tasks(app, runtime)
     return app
+
+
+def _log_as_json(app: Celery, settings: Settings) -> None:
+    """LOG_FORMAT=json: Celery leaves logging to us (a ``setup_logging`` receiver), and
+    the worker's and beat's start-up banners, printed text rather than log records,
+    are off (their content is in Flower and in the first log lines)."""
+    process = _process_name(sys.argv)
+
+    def setup(loglevel: int | str | None = None, **_: Any) -> None:
+        configure_logging("json", loglevel or settings.log_level, process)
+
+    signals.setup_logging.connect(setup, weak=False)
+    for attr in ("Worker", "Beat"):
+        base = getattr(app, attr)
+
+        def quiet_init(self: Any, *args: Any, _base: Any = base, **kwargs: Any) -> None:
+            kwargs["quiet"] = True
+            _base.__init__(self, *args, **kwargs)
+
+        setattr(app, attr, type(f"Quiet{attr}", (base,), {"__init__": quiet_init}))
+
+
+def _process_name(argv: list[str]) -> str:
+    """``process`` of the JSON lines: beat, history (its node name) or worker."""
+    if "beat" in argv:
+        return "beat"
+    if any(arg.startswith(("--hostname=history", "-nhistory")) for arg in argv):
+        return "history"
+    return "worker"
 
 
 def _register_tasks(app: Celery, runtime: Runtime) -> None:

@@ -1,0 +1,111 @@
+"""How every process logs: ``LOG_FORMAT=text`` (the default) or ``json``.
+
+``json`` is for container platforms, which collect a process's output line by line:
+every record of every logger (ours, gunicorn's, Celery's, warnings) becomes one JSON
+object on one line of stderr, rendered by structlog's ``ProcessorFormatter`` from the
+standard library's records, so no call site changes.  Fields: ``timestamp`` (UTC,
+ISO 8601), ``level``, ``logger``, ``message``, ``process`` (web, worker, history,
+beat, flower), ``pid``; ``exception`` with the traceback when there is one; whatever
+the call passed in ``extra=`` (``job_id`` on every line about a job, the access log's
+fields); ``request_id`` on every line written while web serves a request.
+
+This module imports the standard library and structlog only: gunicorn's master loads
+it (web/gunicorn_conf.py) before the gevent worker patches the standard library.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import logging.config
+import os
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+# The id of the request web is serving (set by web's access log middleware); a
+# ContextVar, so each gevent greenlet and each thread sees its own.
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+def _add_request_id(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
+    current = request_id.get()
+    if current is not None and "request_id" not in event:
+        event["request_id"] = current
+    return event
+
+
+class JsonFormatter(structlog.stdlib.ProcessorFormatter):
+    """One JSON object per record; ``process`` names the program (web, worker, ...)."""
+
+    def __init__(self, process: str = "") -> None:
+        fixed = {"process": process or _program_name(), "pid": os.getpid()}
+
+        def add_fixed(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
+            event.update(fixed)
+            # A forked child (gunicorn's workers) has its own pid.
+            event["pid"] = os.getpid()
+            return event
+
+        super().__init__(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+                structlog.stdlib.ExtraAdder(),
+                add_fixed,
+                _add_request_id,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.EventRenamer("message"),
+                structlog.processors.JSONRenderer(sort_keys=False),
+            ],
+        )
+
+
+def _program_name() -> str:
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+
+
+def configure(log_format: str, level: str | int, process: str) -> None:
+    """The root logger writes to stderr as ``log_format`` says (text: as ``basicConfig``)."""
+    if log_format != "json":
+        logging.basicConfig(level=level, format=TEXT_FORMAT)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(process))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+    # Loggers that bring their own handlers (Celery's, gunicorn's) write through ours.
+    for name in ("celery", "celery.task", "celery.redirected", "gunicorn.error"):
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True
+    logging.captureWarnings(True)  # a warning is a log line too, not bare text on stderr
+
+
+def gunicorn_logconfig(level: str) -> dict[str, Any]:
+    """gunicorn's ``logconfig_dict`` for ``json``: its own lines in the same shape."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter, "process": "web"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": level, "handlers": ["stderr"]},
+        "loggers": {
+            "gunicorn.error": {"level": level, "handlers": [], "propagate": True},
+            "gunicorn.access": {"level": level, "handlers": [], "propagate": True},
+        },
+    }
