@@ -16,6 +16,8 @@ it (web/gunicorn_conf.py) before the gevent worker patches the standard library.
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
+import json
 import logging
 import logging.config
 import os
@@ -84,28 +86,22 @@ def configure(log_format: str, level: str | int, process: str) -> None:
     root.handlers = [handler]
     root.setLevel(level)
     # Loggers that bring their own handlers (Celery's, gunicorn's) write through ours.
-    for name in ("celery", "celery.task", "celery.redirected", "gunicorn.error"):
+    for name in ("celery", "celery.task", "celery.redirected"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
     logging.captureWarnings(True)  # a warning is a log line too, not bare text on stderr
 
 
-def gunicorn_logconfig(level: str) -> dict[str, Any]:
-    """gunicorn's ``logconfig_dict`` for ``json``: its own lines in the same shape."""
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": JsonFormatter, "process": "web"}},
-        "handlers": {
-            "stderr": {
-                "class": "logging.StreamHandler",
-                "formatter": "json",
-                "stream": "ext://sys.stderr",
-            }
-        },
-        "root": {"level": level, "handlers": ["stderr"]},
-        "loggers": {
-            "gunicorn.error": {"level": level, "handlers": [], "propagate": True},
-            "gunicorn.access": {"level": level, "handlers": [], "propagate": True},
-        },
+def raw_line(message: str, process: str, level: str = "warning", logger: str = "") -> bytes:
+    """A JSON line built without the logging machinery (no lock: safe in a signal
+    handler), for text that a library writes straight to a file descriptor."""
+    now = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+    line = {
+        "level": level,
+        "logger": logger,
+        "timestamp": now,
+        "process": process,
+        "pid": os.getpid(),
+        "message": message.strip(),
     }
+    return (json.dumps(line) + "\n").encode()

@@ -46,11 +46,22 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
 
 util.write_error = write_json_error
 
-# The master builds no Settings (see above); these two are read as shared.config reads them.
+# The master builds no Settings (see above); LOG_FORMAT is read as shared.config reads it.
 if os.environ.get("LOG_FORMAT") == "json":  # noqa: TID251
-    from shared.logs import gunicorn_logconfig
+    from gunicorn.glogging import Logger
 
-    logconfig_dict = gunicorn_logconfig(os.environ.get("LOG_LEVEL") or "INFO")  # noqa: TID251
+    from shared.logs import JsonFormatter
+
+    class JsonLogger(Logger):  # type: ignore[misc]  # gunicorn is untyped
+        """gunicorn's own lines (master and workers) as JSON; its access log stays off
+        (web writes its own, web/access.py)."""
+
+        def setup(self, cfg: Any) -> None:
+            super().setup(cfg)
+            for handler in self.error_log.handlers:
+                handler.setFormatter(JsonFormatter("web"))
+
+    logger_class = JsonLogger
 
 
 def child_exit(_server: Any, worker: Any) -> None:

@@ -245,9 +245,16 @@ def _unavailable_unless_committed(
     """After a failed write: the job, if its row was committed after all; else 503."""
     found = _committed_anyway(job_id) if connected else None
     if found is None:
-        log.warning("job not accepted, database unavailable: %s", exc)
+        log.warning(
+            "job not accepted, database unavailable: %s", exc, extra={"job_id": str(job_id)}
+        )
         raise unavailable("the database is unavailable; retry later") from exc
-    log.warning("job %s: the answer to COMMIT was lost, the row is there: %s", found.id, exc)
+    log.warning(
+        "job %s: the answer to COMMIT was lost, the row is there: %s",
+        found.id,
+        exc,
+        extra={"job_id": str(found.id)},
+    )
     _wake({found.partition})
     return found
 

@@ -6,6 +6,8 @@ its wire name; importing this package builds nothing.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from typing import Any
 
@@ -17,6 +19,7 @@ from shared.broker import TRANSPORT as BROKER_TRANSPORT
 from shared.config import Settings
 from shared.jobs import DRAIN_TASK, HISTORY_TASK, task_for_queue
 from shared.logs import configure as configure_logging
+from shared.logs import raw_line
 from shared.metrics import prepare_multiprocess_dir
 from shared.partitions import HISTORY_QUEUE, all_partition_queues
 from workers.base import RetryLater, Runtime, drain_partition
@@ -131,6 +134,9 @@ def _log_as_json(app: Celery, settings: Settings) -> None:
         configure_logging("json", loglevel or settings.log_level, process)
 
     signals.setup_logging.connect(setup, weak=False)
+    # Now too: what Celery says before it sets up logging (its superuser warning) is a
+    # JSON line as well.
+    setup()
     for attr in ("Worker", "Beat"):
         base = getattr(app, attr)
 
@@ -139,6 +145,16 @@ def _log_as_json(app: Celery, settings: Settings) -> None:
             _base.__init__(self, *args, **kwargs)
 
         setattr(app, attr, type(f"Quiet{attr}", (base,), {"__init__": quiet_init}))
+    # The worker's shutdown notices ("worker: Warm shutdown") are written from its
+    # signal handlers straight to the file descriptor (no logging: no lock there); so
+    # is this, as a JSON line.
+    from celery.apps import worker as celery_worker
+
+    def say(message: str, _file: Any = None) -> None:
+        with contextlib.suppress(OSError):  # as Celery's: best effort, never raises
+            os.write(2, raw_line(message, process, logger="celery.apps.worker"))
+
+    celery_worker.safe_say = say  # type: ignore[attr-defined]  # untyped in celery-types
 
 
 def _process_name(argv: list[str]) -> str:

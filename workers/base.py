@@ -311,7 +311,12 @@ def apply_next_batch(rt: Runtime, queue: str) -> int:
     except Exception as exc:
         if is_transient(exc) or not job_ids:
             raise
-        log.exception("batch of %d on %s failed; replaying one by one", len(job_ids), queue)
+        log.exception(
+            "batch of %d on %s failed; replaying one by one",
+            len(job_ids),
+            queue,
+            extra={"job_ids": [str(j) for j in job_ids], "queue": queue},
+        )
         effects = Effects()
         for job_id in job_ids:
             _apply_alone(rt, queue, job_id, effects)
@@ -350,10 +355,20 @@ def _apply_alone(rt: Runtime, queue: str, job_id: uuid.UUID, effects: Effects) -
                 )
                 finish_jobs(session, [given_up])
         if given_up is None:
-            log.exception("job %s failed (attempt %d); will retry", job_id, attempts)
+            log.exception(
+                "job %s failed (attempt %d); will retry",
+                job_id,
+                attempts,
+                extra={"job_id": str(job_id)},
+            )
             after_commit(rt, effects)
             raise RetryLater(str(job_id)) from exc
-        log.exception("job %s failed %d times; finished it INTERNAL", job_id, attempts)
+        log.exception(
+            "job %s failed %d times; finished it INTERNAL",
+            job_id,
+            attempts,
+            extra={"job_id": str(job_id)},
+        )
         effects.finished.append(given_up)
         return
     effects.absorb(alone)

@@ -95,7 +95,9 @@ def expire_unpaid_orders(rt: Runtime) -> int:
                 effects.products |= set(restocked)
                 mark_products_pending(rt, session, effects)
         except DBAPIError as exc:  # the database is away or a lock wait ran out: next run
-            log.warning("expiry of order %s not applied: %s", order_id, exc)
+            log.warning(
+                "expiry of order %s not applied: %s", order_id, exc, extra={"order_id": order_id}
+            )
             break
         after_commit(rt, effects)
         expired += 1
