@@ -133,6 +133,10 @@ class Settings:
     metrics_port: int = 0
     metrics_address: str = "127.0.0.1"
 
+    # When set, beat touches this file each time it sends a due task (every second or
+    # so): a container healthcheck tells a live beat from a hung one by its age.
+    beat_heartbeat_file: str = ""
+
     # Flower's HTTP basic auth, ``user:password`` (comma-separated for several).
     flower_basic_auth: str = ""
 

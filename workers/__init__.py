@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
@@ -118,6 +119,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
     if settings.log_format == "json":
         _log_as_json(app, settings)
+    if settings.beat_heartbeat_file:
+        _beat_heartbeat(Path(settings.beat_heartbeat_file))
     runtime = Runtime(settings, send)
     app.conf.shop_runtime = runtime
     _register_tasks(app, runtime)
@@ -155,6 +158,20 @@ def _log_as_json(app: Celery, settings: Settings) -> None:
             os.write(2, raw_line(message, process, logger="celery.apps.worker"))
 
     celery_worker.safe_say = say  # type: ignore[attr-defined]  # untyped in celery-types
+
+
+def _beat_heartbeat(path: Path) -> None:
+    """In beat only (``beat_init``): touch ``path`` whenever a due task is sent."""
+
+    def touch(**_: Any) -> None:
+        with contextlib.suppress(OSError):  # a full disk must not stop the schedule
+            path.touch()
+
+    def started(**_: Any) -> None:
+        touch()
+        signals.before_task_publish.connect(touch, weak=False)
+
+    signals.beat_init.connect(started, weak=False)
 
 
 def _process_name(argv: list[str]) -> str:
