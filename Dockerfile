@@ -26,7 +26,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     APP_ENV=production \
     LOG_FORMAT=json
-RUN useradd --system --uid 10001 --user-group --home-dir /app --shell /usr/sbin/nologin shop
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /app --shell /usr/sbin/nologin shop
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 # What runs from the source tree: gunicorn loads web/gunicorn_conf.py by path, alembic

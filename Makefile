@@ -67,7 +67,10 @@ bench: $(STAMP) ## load harness: closed-loop, open-loop and mixed loads beside t
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m bench.run $(BENCH_ARGS)
 
+deploy-check: $(STAMP) ## rehearse docker-compose.yml on podman here: stand-in images, 3 workers, traffic, a worker SIGKILLed (KEEP=1 leaves it up)
+	bash deploy/check.sh
+
 clean: ## remove .venv and .run
 	rm -rf $(VENV) .run
 
-.PHONY: help install run test browser pytest lint fmt migrate revision check bench clean
+.PHONY: help install run test browser pytest lint fmt migrate revision check bench deploy-check clean
