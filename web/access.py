@@ -19,14 +19,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared.config import Settings
-from shared.logs import request_id
+from shared.logs import AccessWriter, request_id
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -40,9 +40,7 @@ def install_edge(app: Flask, settings: Settings) -> None:
     """Request ids and the access log, then ProxyFix outermost (so both see the client)."""
     inner: WSGIApplication = app.wsgi_app
     logged = settings.access_log_enabled
-    if logged:
-        # Its own level: LOG_LEVEL=WARNING quiets the app's lines, not the access log.
-        access_log.setLevel(logging.INFO)
+    write = _writer(settings) if logged else None
 
     def wsgi(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
@@ -61,8 +59,8 @@ def install_edge(app: Flask, settings: Settings) -> None:
             return inner(environ, start)
         finally:
             request_id.reset(token)
-            if logged:
-                _log(environ, statuses, rid, started)
+            if write is not None:
+                _log(write, environ, statuses, rid, started)
 
     app.wsgi_app = wsgi  # type: ignore[method-assign]  # Flask's middleware idiom
     if settings.trusted_proxy_hops:
@@ -71,21 +69,38 @@ def install_edge(app: Flask, settings: Settings) -> None:
         )
 
 
-def _log(environ: WSGIEnvironment, statuses: list[str], rid: str, started: float) -> None:
-    # The status line's code; none when the app raised before answering (gunicorn
+def _writer(settings: Settings) -> Callable[..., None]:
+    if settings.log_format == "json":
+        return AccessWriter("web").write
+
+    # Text: the standard library's logger, at its own level (LOG_LEVEL=WARNING quiets
+    # the app's lines, not the access log).
+    access_log.setLevel(logging.INFO)
+
+    def write(message: str, **fields: Any) -> None:
+        access_log.info("%s", message, extra=fields)
+
+    return write
+
+
+def _log(
+    write: Callable[..., None],
+    environ: WSGIEnvironment,
+    statuses: list[str],
+    rid: str,
+    started: float,
+) -> None:
+    # The status line's code; 500 when the app raised before answering (gunicorn
     # then answers 500 itself).
     status = int(statuses[-1][:3]) if statuses else 500
-    access_log.info(
-        "%s %s %d",
-        environ.get("REQUEST_METHOD", ""),
-        environ.get("PATH_INFO", ""),
-        status,
-        extra={
-            "method": environ.get("REQUEST_METHOD", ""),
-            "path": environ.get("PATH_INFO", ""),
-            "status": status,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            "client": environ.get("REMOTE_ADDR", ""),
-            "request_id": rid,
-        },
+    method = environ.get("REQUEST_METHOD", "")
+    path = environ.get("PATH_INFO", "")
+    write(
+        f"{method} {path} {status}",
+        method=method,
+        path=path,
+        status=status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        client=environ.get("REMOTE_ADDR", ""),
+        request_id=rid,
     )

@@ -6,7 +6,9 @@ import json
 import logging
 import sys
 
-from shared.logs import JsonFormatter, request_id
+import pytest
+
+from shared.logs import AccessWriter, JsonFormatter, request_id
 
 
 def _line(record: logging.LogRecord, process: str = "worker") -> dict[str, object]:
@@ -52,3 +54,16 @@ def test_lines_written_while_serving_a_request_carry_its_id() -> None:
         request_id.reset(token)
     assert inside["request_id"] == "req-9"
     assert "request_id" not in _line(_record("outside"), "web")
+
+
+def test_the_access_writer_writes_one_json_line_in_the_same_shape(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    AccessWriter("web").write("GET /x 200", method="GET", status=200, request_id="r-1")
+    out = capsys.readouterr().err.splitlines()
+    assert len(out) == 1
+    line = json.loads(out[0])
+    assert line["message"] == "GET /x 200"
+    assert (line["method"], line["status"], line["request_id"]) == ("GET", 200, "r-1")
+    assert (line["level"], line["logger"], line["process"]) == ("info", "shop.access", "web")
+    assert str(line["timestamp"]).endswith("Z")
