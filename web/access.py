@@ -15,10 +15,11 @@ sits outside the cached product reads (web/hot_reads.py), so those are logged to
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,25 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:@+=-]{1,128}")
 access_log = logging.getLogger("shop.access")
 
 
+class _RequestIds:
+    """New request ids: a random prefix per process and a counter (32 hex digits), so a
+    request costs no system call for its id; a forked child draws a prefix of its own."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+_new_id = _RequestIds().next
+
+
 def install_edge(app: Flask, settings: Settings) -> None:
     """Request ids and the access log, then ProxyFix outermost (so both see the client)."""
     inner: WSGIApplication = app.wsgi_app
@@ -45,28 +65,47 @@ def install_edge(app: Flask, settings: Settings) -> None:
     def wsgi(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
         given = environ.get("HTTP_X_REQUEST_ID")
-        rid = given if given and _SANE_ID.fullmatch(given) else uuid.uuid4().hex
+        rid = given if given and _SANE_ID.fullmatch(given) else _new_id()
         environ[REQUEST_ID] = rid
-        statuses: list[str] = []
-
-        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            headers.append(("X-Request-Id", rid))
-            statuses.append(status)
-            return start_response(status, headers, exc_info)
-
+        answer = _Answer(start_response, rid)
         token = request_id.set(rid)
         try:
-            return inner(environ, start)
+            return inner(environ, answer.start)
         finally:
             request_id.reset(token)
             if write is not None:
-                _log(write, environ, statuses, rid, started)
+                _log(write, environ, answer.status, rid, started)
 
     app.wsgi_app = wsgi  # type: ignore[method-assign]  # Flask's middleware idiom
     if settings.trusted_proxy_hops:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=settings.trusted_proxy_hops
         )
+
+
+class _Answer:
+    """``start_response`` as the app sees it: adds ``X-Request-Id``, notes the status.
+
+    A bound method whose object has ``force_close``, as gunicorn's own ``start_response``
+    (web/api.py closes a connection through it, reaching it by ``__self__``)."""
+
+    __slots__ = ("_start_response", "rid", "status")
+
+    def __init__(self, start_response: StartResponse, rid: str) -> None:
+        self._start_response = start_response
+        self.rid = rid
+        self.status = ""
+
+    def start(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        headers.append(("X-Request-Id", self.rid))
+        self.status = status
+        return self._start_response(status, headers, exc_info)
+
+    def force_close(self) -> None:
+        server = getattr(self._start_response, "__self__", None)
+        close = getattr(server, "force_close", None)
+        if callable(close):
+            close()
 
 
 def _writer(settings: Settings) -> Callable[..., None]:
@@ -86,13 +125,13 @@ def _writer(settings: Settings) -> Callable[..., None]:
 def _log(
     write: Callable[..., None],
     environ: WSGIEnvironment,
-    statuses: list[str],
+    status_line: str,
     rid: str,
     started: float,
 ) -> None:
     # The status line's code; 500 when the app raised before answering (gunicorn
     # then answers 500 itself).
-    status = int(statuses[-1][:3]) if statuses else 500
+    status = int(status_line[:3]) if status_line else 500
     method = environ.get("REQUEST_METHOD", "")
     path = environ.get("PATH_INFO", "")
     write(
