@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -25,6 +27,7 @@ from sqlalchemy import (
     Row,
     String,
     Table,
+    TextClause,
     bindparam,
     case,
     column,
@@ -440,12 +443,11 @@ _LOCK_PARTITION = select(func.pg_advisory_xact_lock(bindparam("lock_id")))
 # row it locks against the committed version (EvalPlanQual) and skips those, so only
 # still-PENDING jobs come back, in seq order, and each partition's jobs form a prefix
 # of its queue; jobs committed after the snapshot are the next batch's.
-_LOCK_PENDING_BATCH = text(
-    """
+_LOCK_PENDING_BATCH = """
     WITH RECURSIVE backlog AS MATERIALIZED (
         SELECT p.queue, p.lock_id, count(*) AS pending,
                row_number() OVER (ORDER BY min(j.seq)) AS n
-        FROM unnest(CAST(:queues AS text[]), CAST(:lock_ids AS bigint[])) AS p(queue, lock_id)
+        FROM unnest({queues}, {lock_ids}) AS p(queue, lock_id)
         JOIN jobs AS j ON j.partition = p.queue AND j.status = 'PENDING'
         GROUP BY p.queue, p.lock_id
     ), walk(n, taken, queue) AS (
@@ -466,27 +468,39 @@ _LOCK_PENDING_BATCH = text(
     LIMIT :limit
     FOR UPDATE OF j
     """
-)
 # Whether a partition of the kind holds a PENDING job that no drainer holds now (the
 # try-lock, in an autocommit statement, is let go at once).  A partition another
 # drainer holds is left to it: that drainer looks again after its commit.
-_HAS_UNHELD_PENDING = text(
-    """
+_HAS_UNHELD_PENDING = """
     SELECT 1
-    FROM unnest(CAST(:queues AS text[]), CAST(:lock_ids AS bigint[])) AS p(queue, lock_id)
+    FROM unnest({queues}, {lock_ids}) AS p(queue, lock_id)
     WHERE CASE WHEN EXISTS (
               SELECT 1 FROM jobs WHERE partition = p.queue AND status = 'PENDING')
           THEN pg_try_advisory_xact_lock(p.lock_id) ELSE false END
     LIMIT 1
     """
-)
 _LOCK_PENDING_JOB = _SELECT.where(
     _jobs.c.id == bindparam("job_id"), _jobs.c.status == JobStatus.PENDING.value
 ).with_for_update()
 
 
-def _queue_parameters(queues: list[str]) -> dict[str, Any]:
-    return {"queues": queues, "lock_ids": [partition_lock_id(q) for q in queues]}
+_QUEUE_NAME = re.compile(r"^[a-z0-9_.]+$")
+
+
+@functools.lru_cache(maxsize=64)
+def _for_queues(template: str, queues: tuple[str, ...]) -> TextClause:
+    """``template`` with the queues and their lock ids as array literals: a kind's
+    queues never change, so its statements are built once (psycopg then prepares them)
+    and no execution pays for dumping the arrays."""
+    if not all(_QUEUE_NAME.match(queue) for queue in queues):
+        raise ValueError(f"not a queue name among {queues}")
+    lock_ids = ",".join(str(partition_lock_id(queue)) for queue in queues)
+    return text(
+        template.format(
+            queues=f"CAST('{{{','.join(queues)}}}' AS text[])",
+            lock_ids=f"CAST('{{{lock_ids}}}' AS bigint[])",
+        )
+    )
 
 
 def lock_pending_batch(session: Session, queues: list[str], limit: int) -> list[JobRecord]:
@@ -498,13 +512,14 @@ def lock_pending_batch(session: Session, queues: list[str], limit: int) -> list[
     is skipped, and each partition's jobs come back as a prefix of its queue in seq
     order, so one resource's jobs are never reordered.
     """
-    rows = session.execute(_LOCK_PENDING_BATCH, {**_queue_parameters(queues), "limit": limit})
+    rows = session.execute(_for_queues(_LOCK_PENDING_BATCH, tuple(queues)), {"limit": limit})
     return [_record_of(row) for row in rows]
 
 
 def has_unheld_pending(executor: Executor, queues: list[str]) -> bool:
     """Whether one of ``queues`` holds a PENDING job and no drainer holds its lock."""
-    return executor.execute(_HAS_UNHELD_PENDING, _queue_parameters(queues)).first() is not None
+    statement = _for_queues(_HAS_UNHELD_PENDING, tuple(queues))
+    return executor.execute(statement).first() is not None
 
 
 def lock_pending_job(session: Session, queue: str, job_id: uuid.UUID) -> JobRecord | None:

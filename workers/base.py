@@ -287,12 +287,15 @@ def _drain(rt: Runtime, queue: str) -> int:
     while each partition's advisory lock keeps its jobs in order (rule 6).
 
     The kind's wake flag stays set while the drain goes on, so web sends no further
-    wake-ups for jobs it will find anyway.  When a batch comes back short, the flag is
-    cleared and the kind looked at once more (one statement): a job committed before
-    the clear is found by that look, and the drain takes the flag back and goes on (no
-    message needed); a job committed after the clear sets the flag itself and sends a
-    wake-up (``web.publish``).  A job of a partition another drainer holds is that
-    drainer's: it looks again after its own commit.  No job is left behind.
+    wake-ups for jobs it will find anyway: while batches keep finding jobs (those
+    committed while the last one ran: a group commit of the drain's own), the next
+    batch follows at once, with no message, flag or look in between.  When a batch
+    comes back empty, the flag is cleared and the kind looked at once more (one
+    statement): a job committed before the clear is found by that look, and the drain
+    takes the flag back and goes on (no message needed); a job committed after the
+    clear sets the flag itself and sends a wake-up (``web.publish``).  A job of a
+    partition another drainer holds is that drainer's: it looks again after its own
+    commit.  No job is left behind.
 
     A full batch means more is waiting than one batch takes: a second wake-up (once per
     drain) lets another pool thread or worker drain the partitions this one has no room
@@ -307,11 +310,11 @@ def _drain(rt: Runtime, queue: str) -> int:
     for _ in range(MAX_BATCHES_PER_DRAIN):
         applied = apply_next_batch(rt, queues)
         done += applied
-        if applied >= rt.settings.batch_size:
-            if not helped:
-                helped = True
-                _ask_for_help(rt, queue)
-            continue  # a full batch: more are waiting; the flag keeps web quiet meanwhile
+        if applied >= rt.settings.batch_size and not helped:
+            helped = True  # more are waiting than one batch takes
+            _ask_for_help(rt, queue)
+        if applied:
+            continue  # the flag still keeps web quiet: look for what came in meanwhile
         rt.release(queue)
         if not has_pending(rt, queues):
             return done
