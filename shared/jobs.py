@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import redis
-from redis.commands.core import Script
 from sqlalchemy import (
     Connection,
     DateTime,
@@ -709,26 +708,19 @@ return #channels
 """
 
 
-def announcer(client: redis.Redis) -> Script:
-    """The script that publishes finished jobs' documents to their waiters (registered
-    once per client; run it on a pipeline with ``announce_finished``)."""
-    return client.register_script(_ANNOUNCE)
-
-
-def announce_finished(
-    script: Script,
-    pipe: redis.client.Pipeline,
-    outcomes: list[JobOutcome],
-) -> None:
+def announce_finished(pipe: redis.client.Pipeline, outcomes: list[JobOutcome]) -> None:
     """Queue on ``pipe`` the publication of each outcome to the web processes waiting
-    for it (after commit, never inside the transaction)."""
+    for it (after commit, never inside the transaction).
+
+    EVAL, not a registered Script: on a pipeline, redis-py asks SCRIPT EXISTS before
+    every execute (a round trip more); Redis caches the compiled body by its hash."""
     keys: list[str] = []
     args: list[str] = []
     for outcome in outcomes:
         job_id = str(outcome.job.id)
         keys.append(waiters_key(job_id))
         args += [job_id, outcome.job.reply_to or "", json.dumps(outcome.document())]
-    script(keys=keys, args=args, client=pipe)
+    pipe.eval(_ANNOUNCE, len(keys), *keys, *args)
 
 
 # ---- what operators see of the partitions (GET /v1/admin/partitions) ----------
