@@ -6,8 +6,8 @@ the same database, Redis and partition workers: AUTH_MODE=none, jwt with an HS25
 secret, jwt with an RSA public key.  Each variant sends the same count of
 ``POST /v1/points/charge`` (one point, users spread over every partition) from a
 thread pool, and the CPU of that web's process tree over those requests is divided by
-their count.  Rounds alternate the variants so drift on a shared machine hits them
-alike; the median round counts.
+their count.  Rounds run every variant, each round starting with another one, so drift
+on a shared machine hits them alike; the median round counts.
 
 Variants with tokens: ``fresh`` (every request a token never seen: a full signature
 check each time, the worst case) and ``reused`` (each user keeps one token, as a
@@ -112,7 +112,7 @@ def measure(
     base_env: dict[str, str],
     *,
     requests_per_round: int = 2000,
-    rounds: int = 3,
+    rounds: int = 5,
 ) -> list[Row]:
     """The rows of the ``auth`` scenario (the partition workers must be running)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -148,23 +148,30 @@ def measure(
         for variant in variants:  # imports, pools, first connections
             _send(variant.web.base_url, variant.tokens, users[:WARMUP_REQUESTS])
         wait_idle([w.procs["web"].pid for w in webs.values()])
-        samples: dict[str, list[float]] = {}
-        refused: dict[str, int] = {}
-        for round_ in range(rounds):
-            # Fresh tokens: distinct in every round (none was seen by the web before).
-            offset = (round_ + 1) * 10 * requests_per_round
-            round_variants = [
+        # Fresh tokens for every round, signed before any measurement (none seen before).
+        rounds_variants = [
+            [
                 *variants,
                 *(
                     Variant(
                         name,
                         web,
-                        _precomputed(lambda n, u, s=sign, o=offset: s(o + n, u), users),
+                        _precomputed(
+                            lambda n, u, s=sign, o=(r + 1) * 10 * requests_per_round: s(o + n, u),
+                            users,
+                        ),
                     )
                     for name, (web, sign) in fresh.items()
                 ),
             ]
-            for variant in round_variants:
+            for r in range(rounds)
+        ]
+        samples: dict[str, list[float]] = {}
+        refused: dict[str, int] = {}
+        for round_, round_variants in enumerate(rounds_variants):
+            # Each round starts with another variant: no variant always runs first or last.
+            shift = round_ % len(round_variants)
+            for variant in round_variants[shift:] + round_variants[:shift]:
                 pid = variant.web.procs["web"].pid
                 meter = CpuMeter(lambda pid=pid: {"web": [pid]})
                 meter.start()
