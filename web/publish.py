@@ -286,9 +286,7 @@ def _record_and_commit(
         recorder: GroupCommit[NewJob, JobRecord] = current_app.extensions["job_recorder"]
         partition = partition_for_job(kind, payload, settings().partitions)
         try:
-            new = NewJob(
-                job_id, kind, partition, payload, reply_to, user_id=payload.get("userId")
-            )
+            new = NewJob(job_id, kind, partition, payload, reply_to, user_id=payload.get("userId"))
             return recorder.submit(new, _write_batch)
         except _WriteFailed as failed:
             cause = failed.__cause__ or failed
