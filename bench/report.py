@@ -150,6 +150,15 @@ CPU: list[Column] = [
     col("jobs", "jobs"),
 ]
 
+AUTH: list[Column] = [
+    *NAME,
+    col("web CPU ms/POST (median round)", "web_cpu_ms", 3),
+    ("rounds ms", lambda r: ", ".join(fmt(v, 3) for v in r["rounds_ms"])),
+    ("vs none", lambda r: f"{r['overhead_pct']:+.1f} %"),
+    col("POSTs", "requests"),
+    col("non-202", "non202"),
+]
+
 SECTIONS: list[tuple[str, str, list[Column]]] = [
     ("closed", "Closed loop (wrk, one user per connection)", CLOSED),
     ("ratios", "Ratios: this service / straight design (closed loop)", RATIOS),
@@ -159,6 +168,7 @@ SECTIONS: list[tuple[str, str, list[Column]]] = [
     ("open", "Open loop, fire and forget (wrk, 64 connections)", OPEN),
     ("reads", "Product reads (wrk): primary only, with a streaming replica, cached", READS),
     ("ceiling", "Ceilings", CEILINGS),
+    ("auth", "Identity: web CPU per job POST, AUTH_MODE none against jwt", AUTH),
     ("cpu", "CPU per completed job (ms; process trees, over the load and its drain)", CPU),
 ]
 

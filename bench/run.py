@@ -19,7 +19,9 @@ servers and measures, scenario by scenario (``--only`` picks some):
 * ``reads``: product listings (the listing cache missed) and product details per
   second, from the stack's web (primary only) and from a second web whose lagging
   reads go to a streaming standby of the same primary, in the same run; then cached
-  reads of one product (target: 3,000/s with p99 under 10 ms).
+  reads of one product (target: 3,000/s with p99 under 10 ms);
+* ``auth``: web CPU per job POST with AUTH_MODE=none, jwt HS256 and jwt RS256
+  (fresh and reused tokens), three web processes side by side (``bench/auth_cost.py``).
 
 ``open`` and the ``closed-*`` scenarios also run the straight design
 (``bench/baseline_app.py``, sync workers) under the same client. After every
@@ -55,7 +57,7 @@ from typing import Any
 import redis
 import requests
 
-from bench import checks
+from bench import auth_cost, checks
 from bench.procstat import CpuMeter, run_measured, wait_idle, wait_measured
 from bench.report import fmt, markdown, plot, verdict
 from shared.config import Settings
@@ -75,6 +77,7 @@ SCENARIOS = (
     "mixed",
     "longpoll",
     "reads",
+    "auth",
 )
 MODELS = ("prefer", "poll")
 HOT_POINTS_USER = 900_000_001
@@ -1091,6 +1094,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--noop-tasks", type=int, default=5000, help="Celery ceiling's tasks")
     p.add_argument(
+        "--auth-requests", type=int, default=2000, help="auth: job POSTs per variant and round"
+    )
+    p.add_argument(
         "--stack-env",
         action="append",
         default=[],
@@ -1146,7 +1152,20 @@ def plan(run: Run) -> list[tuple[str, Callable[[], list[Row]]]]:
             steps.append((name, lambda: longpoll(run)))
         elif name == "reads":
             steps.append((name, lambda: reads(run)))
+        elif name == "auth":
+            steps.append((name, lambda: auth(run)))
     return steps
+
+
+def auth(run: Run) -> list[Row]:
+    """Identity's cost (issue 18): web CPU per job POST, none against jwt HS256 / RS256."""
+    return auth_cost.measure(
+        run.pg.url,
+        run.rd.url,
+        run.work / "logs",
+        stack_env(run.args),
+        requests_per_round=run.args.auth_requests,
+    )
 
 
 def start_service(run: Run) -> None:

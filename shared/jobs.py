@@ -179,6 +179,8 @@ class JobRecord:
     # The channel of the web process that accepted the job with ``Prefer: wait`` and
     # waits for its outcome (None: nobody waited when it was accepted).
     reply_to: str | None = None
+    # The user the job acts for (its status is theirs to read); None for admin jobs.
+    user_id: int | None = None
 
     @property
     def pending(self) -> bool:
@@ -205,6 +207,7 @@ def _new_record(values: dict[str, Any], seq: int, created_at: dt.datetime) -> Jo
         created_at=created_at,
         finished_at=None,
         reply_to=values.get("reply_to"),
+        user_id=values.get("user_id"),
     )
 
 
@@ -227,6 +230,7 @@ class NewJob:
     partition: str
     payload: dict[str, Any]
     reply_to: str | None = None
+    user_id: int | None = None
 
 
 def record(
@@ -239,6 +243,7 @@ def record(
     request_hash: str | None = None,
     job_id: uuid.UUID | None = None,
     reply_to: str | None = None,
+    user_id: int | None = None,
 ) -> Recorded:
     """Add a PENDING job row (the caller commits, or runs it on an autocommit connection).
 
@@ -255,6 +260,7 @@ def record(
         partition_for_job(kind, payload, partitions),
         payload,
         reply_to,
+        user_id,
     )
     if idempotency_scope is None:
         return Recorded(record_many(executor, [new])[0], created=True)
@@ -266,6 +272,7 @@ def record(
         "idempotency_key": idempotency_scope,
         "request_hash": request_hash,
         "reply_to": reply_to,
+        "user_id": user_id,
     }
     inserted = executor.execute(_INSERT_ONCE, values).one_or_none()
     if inserted is not None:
@@ -284,14 +291,15 @@ _GET_JOB = _SELECT.where(_jobs.c.id == bindparam("job_id"))
 # Many job rows in one statement, as array parameters (compiled once for any count);
 # rows come back keyed by id, whatever order RETURNING uses.
 _INSERT_MANY_SQL = """
-    INSERT INTO jobs (id, kind, partition, payload, reply_to)
-    SELECT id, kind, partition, payload::jsonb, reply_to
+    INSERT INTO jobs (id, kind, partition, payload, reply_to, user_id)
+    SELECT id, kind, partition, payload::jsonb, reply_to, user_id
     FROM unnest(CAST({ids} AS uuid[]), CAST({kinds} AS text[]), CAST({partitions} AS text[]),
-                CAST({payloads} AS text[]), CAST({reply_to} AS text[]))
-         AS new(id, kind, partition, payload, reply_to)
+                CAST({payloads} AS text[]), CAST({reply_to} AS text[]),
+                CAST({user_ids} AS bigint[]))
+         AS new(id, kind, partition, payload, reply_to, user_id)
     RETURNING id, seq, created_at
 """
-_COLUMNS = ("ids", "kinds", "partitions", "payloads", "reply_to")
+_COLUMNS = ("ids", "kinds", "partitions", "payloads", "reply_to", "user_ids")
 _INSERT_MANY = text(_INSERT_MANY_SQL.format(**{c: f":{c}" for c in _COLUMNS}))
 # The same for a DB-API cursor of psycopg (its ``pyformat`` parameters).
 _INSERT_MANY_DBAPI = _INSERT_MANY_SQL.format(**{c: f"%({c})s" for c in _COLUMNS})
@@ -312,6 +320,7 @@ def _insert_parameters(jobs: list[NewJob]) -> dict[str, Any]:
         "partitions": [j.partition for j in jobs],
         "payloads": [json.dumps(j.payload) for j in jobs],
         "reply_to": [j.reply_to for j in jobs],
+        "user_ids": [j.user_id for j in jobs],
     }
 
 
@@ -325,6 +334,7 @@ def _recorded(jobs: list[NewJob], rows: Iterable[tuple[Any, ...]]) -> list[JobRe
                 "partition": j.partition,
                 "payload": j.payload,
                 "reply_to": j.reply_to,
+                "user_id": j.user_id,
             },
             *made[j.id],
         )

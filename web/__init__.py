@@ -6,7 +6,7 @@ import logging
 import uuid
 from typing import Any
 
-from flask import Flask
+from flask import Flask, g
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +22,7 @@ from web import admin, coupons, health, jobs, orders, points, products, users
 from web.api import IdConverter, install_connection_handling
 from web.errors import register_error_handlers
 from web.hot_reads import install_hot_product_reads
+from web.identity import TokenVerifier
 from web.publish import Publisher, install_publishing
 from web.session import install_sessions
 from web.waiters import JobWaiters, Recheck
@@ -56,6 +57,8 @@ def create_app(
     # No implicit OPTIONS answers (an empty text/html 200): OPTIONS is a JSON 405 with Allow.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["settings"] = settings
+    # AUTH_MODE=jwt: a key source that cannot be loaded stops the start, not the first call.
+    app.extensions["token_verifier"] = TokenVerifier(settings) if settings.jwt_auth else None
     prepare_multiprocess_dir(settings.prometheus_multiproc_dir)
 
     recheck: Recheck | None = None
@@ -151,9 +154,15 @@ def _install_rate_limit(app: Flask, settings: Settings) -> None:
         # The limiter is a guard, not a dependency: with Redis down, requests pass.
         swallow_errors=True,
     )
-    # One allowance per client address across every customer job POST (API.md, Access).
+    # One allowance per client address across every customer job POST (API.md, Access),
+    # per user with AUTH_MODE=jwt (the access check has set the request's rate key).
     app.extensions["job_rate_limit"] = limiter.shared_limit(
         settings.rate_limit,
         scope="customer-jobs",
-        key_func=get_remote_address,
+        key_func=_rate_key,
     )
+
+
+def _rate_key() -> str:
+    key: str | None = g.get("rate_key")
+    return key if key is not None else get_remote_address()

@@ -27,6 +27,9 @@ from gunicorn import util
 
 # gunicorn's per-user control socket is shared by every gunicorn of the user: not wanted.
 control_socket_disable = True
+# A header line may be 16 KiB (gunicorn's default is 8190 bytes), so that a bearer token
+# over API.md's 8 KiB reaches the app and gets its 401, not gunicorn's refusal.
+limit_request_field_size = 16 * 1024
 
 _CODES = {403: "FORBIDDEN", 500: "INTERNAL"}
 

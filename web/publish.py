@@ -48,6 +48,7 @@ from shared.metrics import count_accepted
 from web.api import settings
 from web.breaker import Breaker
 from web.errors import ApiError, unavailable, validation_error
+from web.identity import idempotency_owner
 from web.jobs import await_document, current_document
 from web.recording import GroupCommit
 from web.session import autocommit
@@ -140,7 +141,8 @@ def _idempotency_scope() -> str | None:
         raise validation_error(
             [{"field": "Idempotency-Key", "message": "must be 1..128 printable ASCII characters"}]
         )
-    return f"{request.method} {request.path} {key}"
+    # With AUTH_MODE=jwt the key is also the token's user's: another user's key is not seen.
+    return f"{request.method} {request.path} {idempotency_owner()}{key}"
 
 
 def preferred_wait() -> int | None:
@@ -284,7 +286,8 @@ def _record_and_commit(
         recorder: GroupCommit[NewJob, JobRecord] = current_app.extensions["job_recorder"]
         partition = partition_for_job(kind, payload, settings().partitions)
         try:
-            return recorder.submit(NewJob(job_id, kind, partition, payload, reply_to), _write_batch)
+            new = NewJob(job_id, kind, partition, payload, reply_to, user_id=payload.get("userId"))
+            return recorder.submit(new, _write_batch)
         except _WriteFailed as failed:
             cause = failed.__cause__ or failed
             return _unavailable_unless_committed(job_id, failed.connected, cause)
@@ -307,6 +310,7 @@ def _record_and_commit(
                 request_hash=fingerprint(request.method, request.path, payload),
                 job_id=job_id,
                 reply_to=reply_to,
+                user_id=payload.get("userId"),
             ).job
 
     try:

@@ -150,6 +150,7 @@ def test_flower_refuses_to_start_in_production_without_basic_auth(tmp_path: Path
         "REDIS_URL": "redis://127.0.0.1:1/0",
         "APP_ENV": "production",
         "ADMIN_TOKEN": "t",
+        "AUTH_MODE": "none",
     }
     answer = subprocess.run(
         [sys.executable, "-m", "workers.flower", f"--port={free_port()}"],
