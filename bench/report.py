@@ -68,6 +68,16 @@ RATIOS: list[Column] = [
     col("met", "met"),
 ]
 
+SCALING: list[Column] = [
+    col("web processes", "web_processes"),
+    col("orders/s", "per_s"),
+    col("web ms/job", "web_ms", 3),
+    col("total ms/job", "total_ms", 3),
+    col("against", "against"),
+    ("CPU/job ratio", lambda r: fmt(r["cpu_ratio"], 2) + "x"),
+    ("not grown (<= 1.05x)", lambda r: fmt(r["met"])),
+]
+
 MIXED: list[Column] = [
     *NAME,
     col("offered/s", "offered_per_s"),
@@ -140,19 +150,40 @@ CPU: list[Column] = [
     col("jobs", "jobs"),
 ]
 
+AUTH: list[Column] = [
+    *NAME,
+    col("web CPU ms/POST (median round)", "web_cpu_ms", 3),
+    ("rounds ms", lambda r: ", ".join(fmt(v, 3) for v in r["rounds_ms"])),
+    ("vs none", lambda r: f"{r['overhead_pct']:+.1f} %"),
+    col("POSTs", "requests"),
+    col("non-202", "non202"),
+]
+
 SECTIONS: list[tuple[str, str, list[Column]]] = [
     ("closed", "Closed loop (wrk, one user per connection)", CLOSED),
     ("ratios", "Ratios: this service / straight design (closed loop)", RATIOS),
+    ("scaling", "Scaling with web processes (closed loop spread, Prefer: wait)", SCALING),
     ("mixed", "Open loop mixed, every job awaited (bench/loadgen.py)", MIXED),
     ("longpoll", "Long polls held (worker stopped; probe reads and order POSTs)", LONGPOLL),
     ("open", "Open loop, fire and forget (wrk, 64 connections)", OPEN),
     ("reads", "Product reads (wrk): primary only, with a streaming replica, cached", READS),
     ("ceiling", "Ceilings", CEILINGS),
+    ("auth", "Identity: web CPU per job POST, AUTH_MODE none against jwt", AUTH),
     ("cpu", "CPU per completed job (ms; process trees, over the load and its drain)", CPU),
 ]
 
 
-TEXT_COLUMNS = {"scenario", "system", "client", "against", "target", "met", "note", "invariants"}
+TEXT_COLUMNS = {
+    "scenario",
+    "system",
+    "client",
+    "against",
+    "target",
+    "met",
+    "note",
+    "invariants",
+    "not grown (<= 1.05x)",
+}
 
 
 def md_table(columns: list[Column], rows: list[Row]) -> str:

@@ -34,7 +34,11 @@ REDIS_DB_LIMITER = 2
 REDIS_DB_COORDINATION = 3  # coupon sold-out markers (job notifications are pub/sub)
 
 _RATE_LIMIT = re.compile(r"^\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?$", re.IGNORECASE)
-_SECRET_FIELDS = frozenset({"admin_token", "flower_basic_auth"})
+_SECRET_FIELDS = frozenset({"admin_token", "flower_basic_auth", "auth_jwt_secret"})
+# AUTH_MODE values; empty means not set (then none, except that production refuses it).
+AUTH_MODES = ("none", "jwt")
+# An HS256 secret shorter than the hash (RFC 7518 §3.2) can be brute-forced from one token.
+MIN_JWT_SECRET_BYTES = 32
 _BASIC_AUTH = re.compile(r"^[^:,]+:[^,]+(,[^:,]+:[^,]+)*$")
 # honcho names its processes <type>.<n from 1> (HONCHO_PROCESS_NAME).
 _HONCHO_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(\d+)$")
@@ -73,8 +77,10 @@ class Settings:
     # Queue partitioning and the worker's batching (ARCHITECTURE rules 1 and 6).
     partitions: int = 16
     batch_size: int = 200
-    # Partitions one worker process drains at once (a thread each).
-    worker_threads: int = 2
+    # Drains one worker process runs at once (a thread each).  A drain takes every
+    # partition of its kind and goes on while it finds jobs, so one thread per partition
+    # kind (user, product, coupon) lets no kind wait behind another's run of batches.
+    worker_threads: int = 3
     # The history listener waits this long before a drain, so outbox rows arrive in batches.
     history_linger_ms: int = 200
     job_max_attempts: int = 3
@@ -140,6 +146,23 @@ class Settings:
     # Flower's HTTP basic auth, ``user:password`` (comma-separated for several).
     flower_basic_auth: str = ""
 
+    # Customer identity (API.md, Access): ``none`` trusts the userId a client names (a
+    # gateway in front checked it); ``jwt`` takes the user from a verified bearer JWT.
+    # Left empty it means none, which APP_ENV=production refuses: an operator must choose.
+    auth_mode: str = ""
+    # One key source for jwt: an HS256 secret, a PEM public key (RS256 / ES256; the PEM
+    # text or a path to a PEM file), or a JWKS URL (keys chosen by the token's kid).
+    auth_jwt_secret: str = ""
+    auth_jwt_public_key: str = ""
+    auth_jwks_url: str = ""
+    # Checked when set: the token's iss and aud must match.
+    auth_jwt_issuer: str = ""
+    auth_jwt_audience: str = ""
+    # Clock skew allowed on exp, nbf and iat.
+    auth_leeway_seconds: int = 30
+    # A token whose scope / scp holds this may make the admin calls.
+    auth_admin_scope: str = "shop:admin"
+
     def __post_init__(self) -> None:
         if not self.database_url:
             raise ConfigError("DATABASE_URL is required")
@@ -167,6 +190,40 @@ class Settings:
             raise ConfigError("ADMIN_TOKEN is required when APP_ENV=production")
         if self.flower_basic_auth and not _BASIC_AUTH.match(self.flower_basic_auth):
             raise ConfigError("FLOWER_BASIC_AUTH must look like 'user:password'")
+        self._check_auth()
+
+    def _check_auth(self) -> None:
+        if self.auth_mode not in ("", *AUTH_MODES):
+            raise ConfigError(f"AUTH_MODE must be none or jwt, not {self.auth_mode!r}")
+        if self.app_env is AppEnv.PRODUCTION and not self.auth_mode:
+            raise ConfigError(
+                "AUTH_MODE is required when APP_ENV=production (jwt, or none behind a gateway"
+                " that checks who may act as a userId)"
+            )
+        if not 0 <= self.auth_leeway_seconds <= 300:
+            raise ConfigError("AUTH_LEEWAY_SECONDS must be in 0..300")
+        if not self.auth_admin_scope.strip() or " " in self.auth_admin_scope.strip():
+            raise ConfigError("AUTH_ADMIN_SCOPE must be one scope (no spaces)")
+        if not self.jwt_auth:
+            return
+        sources = [
+            name
+            for name, value in (
+                ("AUTH_JWT_SECRET", self.auth_jwt_secret),
+                ("AUTH_JWT_PUBLIC_KEY", self.auth_jwt_public_key),
+                ("AUTH_JWKS_URL", self.auth_jwks_url),
+            )
+            if value
+        ]
+        if len(sources) != 1:
+            raise ConfigError(
+                "AUTH_MODE=jwt needs exactly one of AUTH_JWT_SECRET, AUTH_JWT_PUBLIC_KEY,"
+                f" AUTH_JWKS_URL (given: {', '.join(sources) or 'none'})"
+            )
+        if self.auth_jwt_secret and len(self.auth_jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+            raise ConfigError(f"AUTH_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes")
+        if self.auth_jwks_url and not self.auth_jwks_url.startswith(("https://", "http://")):
+            raise ConfigError("AUTH_JWKS_URL must be an http(s) URL")
 
     def _check_edge(self) -> None:
         if self.log_format not in ("text", "json"):
@@ -212,6 +269,11 @@ class Settings:
         if self.access_log:
             return self.access_log == "on"
         return self.log_format == "json"
+
+    @property
+    def jwt_auth(self) -> bool:
+        """AUTH_MODE=jwt: customer calls carry a verified bearer JWT (API.md, Access)."""
+        return self.auth_mode == "jwt"
 
     @property
     def rate_limit_enabled(self) -> bool:

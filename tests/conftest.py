@@ -30,6 +30,7 @@ from shared.config import AppEnv, Settings, redis_url_for, to_sqlalchemy_url
 from shared.embedded import migrate
 from tests.databases import scratch_database
 from tests.stack import Stack
+from tests.tokens import SECRET, UserTokens
 
 ADMIN_TOKEN = "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -167,10 +168,10 @@ def runtime(settings: Settings, session_factory: sessionmaker[Session]) -> Any:
 
 
 @pytest.fixture(scope="session")
-def stack(
+def plain_stack(
     database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    """The real processes, shared by the e2e tests of this run."""
+    """The real processes, shared by the e2e tests of this run (AUTH_MODE=none)."""
     log_dir = Path(tmp_path_factory.mktemp("stack-logs"))
     running = Stack(database_url, redis_url_for(redis_url, 0), log_dir, admin_token=ADMIN_TOKEN)
     try:
@@ -180,9 +181,44 @@ def stack(
         running.stop()
 
 
+@pytest.fixture(scope="session")
+def jwt_stack(plain_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A second web process with AUTH_MODE=jwt (HS256, ``tests.tokens.SECRET``) in front of
+    the same database, Redis and workers: only how a request proves its user differs."""
+    running = Stack(
+        plain_stack.database_url,
+        plain_stack.redis_url,
+        Path(tmp_path_factory.mktemp("jwt-stack-logs")),
+        admin_token=ADMIN_TOKEN,
+        extra_env={"AUTH_MODE": "jwt", "AUTH_JWT_SECRET": SECRET},
+    )
+    try:
+        running.start("web")
+        yield running
+    finally:
+        running.stop()
+
+
+# Run an e2e test in both customer identity modes: ``@pytest.mark.parametrize("stack",
+# AUTH_MODES, indirect=True)`` (tests.e2e.helpers.both_auth_modes).
+AUTH_MODES = ("none", "jwt")
+
+
+@pytest.fixture(scope="session")
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """The stack a test talks to: AUTH_MODE=none, or jwt when parametrized so."""
+    mode = getattr(request, "param", "none")
+    running: Stack = request.getfixturevalue("jwt_stack" if mode == "jwt" else "plain_stack")
+    return running
+
+
 @pytest.fixture
 def http(stack: Stack) -> Iterator[requests.Session]:
     session = requests.Session()
+    if stack.extra_env.get("AUTH_MODE") == "jwt":
+        # Each request carries the token of the user it names (an admin's for a read of a
+        # job or order by id); the tests themselves stay as they are.
+        session.auth = UserTokens()
     # A pooled keep-alive connection the server closes as the next request goes out is a
     # race of HTTP itself: reads retry it; job POSTs and PUTs never do, so a test never
     # sends a job twice without knowing.

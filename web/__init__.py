@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from flask import Flask
+from flask import Flask, g
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +22,7 @@ from web import access, admin, coupons, health, jobs, orders, points, products, 
 from web.api import IdConverter, install_connection_handling
 from web.errors import register_error_handlers
 from web.hot_reads import install_hot_product_reads
+from web.identity import TokenVerifier
 from web.publish import Publisher, install_publishing
 from web.session import install_sessions
 from web.waiters import JobWaiters, Recheck
@@ -54,6 +55,8 @@ def create_app(
     # No implicit OPTIONS answers (an empty text/html 200): OPTIONS is a JSON 405 with Allow.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["settings"] = settings
+    # AUTH_MODE=jwt: a key source that cannot be loaded stops the start, not the first call.
+    app.extensions["token_verifier"] = TokenVerifier(settings) if settings.jwt_auth else None
     prepare_multiprocess_dir(settings.prometheus_multiproc_dir)
 
     recheck: Recheck | None = None
@@ -64,6 +67,11 @@ def create_app(
         # local setting: no round trip), so a connection lost to a database restart
         # is found, and the pool renewed, whichever path meets it first.
         app.extensions["autocommit_engine"] = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # The group commit of job rows writes one batch at a time per process, on a
+        # connection of its own, in autocommit (web.publish._write_batch).
+        app.extensions["job_writer_engine"] = make_engine(
+            settings, pool_size=1, pre_ping=False, isolation_level="AUTOCOMMIT"
+        )
         recheck = finished_documents(session_factory)
         app.extensions["primary_read_factory"] = make_session_factory(
             app.extensions["autocommit_engine"]
@@ -79,7 +87,9 @@ def create_app(
         cache_client, settings.top_sellers_cache_seconds
     )
     app.extensions["job_waiters"] = JobWaiters(
-        make_redis(settings.coordination_url, timeout=None), recheck
+        make_redis(settings.broker_url, timeout=None),
+        recheck,
+        registry=make_redis(settings.broker_url, timeout=1.0),
     )
     install_publishing(app, settings, publisher)
     _install_rate_limit(app, settings)
@@ -144,9 +154,15 @@ def _install_rate_limit(app: Flask, settings: Settings) -> None:
         # The limiter is a guard, not a dependency: with Redis down, requests pass.
         swallow_errors=True,
     )
-    # One allowance per client address across every customer job POST (API.md, Access).
+    # One allowance per client address across every customer job POST (API.md, Access),
+    # per user with AUTH_MODE=jwt (the access check has set the request's rate key).
     app.extensions["job_rate_limit"] = limiter.shared_limit(
         settings.rate_limit,
         scope="customer-jobs",
-        key_func=get_remote_address,
+        key_func=_rate_key,
     )
+
+
+def _rate_key() -> str:
+    key: str | None = g.get("rate_key")
+    return key if key is not None else get_remote_address()

@@ -3,14 +3,14 @@
 ``@operation(...)`` registers the Flask route and its OpenAPI description from
 the same arguments, and runs the checks in the order API.md fixes: route and
 method (Flask), access (401, 403), size (413), content type (415), rate (429),
-validation (400), then existence of a path id: 404 here for one out of range
-(it cannot exist), or from the view for an unknown one.
+validation (400), with ``AUTH_MODE=jwt`` a ``userId`` that is not the token's user
+(403), then existence of a path id: 404 here for one out of range (it cannot
+exist), or from the view for an unknown one.
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import logging
 import re
@@ -26,6 +26,14 @@ from werkzeug.routing import BaseConverter
 from shared.config import Settings
 from shared.domain.errors import ErrorCode
 from web.errors import ApiError, pydantic_details, validation_error
+from web.identity import (
+    TokenVerifier,
+    authenticate_admin,
+    authenticate_customer,
+    current_identity,
+    forbidden,
+    token_user,
+)
 from web.schemas import MAX_ID
 
 if TYPE_CHECKING:
@@ -60,6 +68,8 @@ class Operation:
     body: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
     admin: bool = False
+    # Acts for a user or reads a user's data: takes the user's token with AUTH_MODE=jwt.
+    customer: bool = False
     rate_limited: bool = False
     body_optional: bool = False
     job: bool = False
@@ -191,9 +201,14 @@ def parse_model(model: type[BaseModel], data: Any) -> BaseModel:
         raise validation_error(pydantic_details(exc)) from exc
 
 
-def query_or_body(field: str, from_query: int | None, from_body: int | None) -> int:
-    """A value the client may give in the query or the body; both given and different is a 400."""
+def query_or_body(
+    field: str, from_query: int | None, from_body: int | None, *, default: int | None = None
+) -> int:
+    """A value the client may give in the query or the body; both given and different is a
+    400; neither given is ``default`` (the token's user), else a 400."""
     given = {v for v in (from_query, from_body) if v is not None}
+    if not given and default is not None:
+        return default
     if not given:
         raise validation_error(
             [{"field": field, "message": f"{field} is required (query or body)"}]
@@ -210,19 +225,57 @@ def settings() -> Settings:
     return value
 
 
+def token_verifier() -> TokenVerifier | None:
+    """This process's JWT verifier (None unless AUTH_MODE=jwt)."""
+    verifier: TokenVerifier | None = current_app.extensions.get("token_verifier")
+    return verifier
+
+
 def require_admin() -> None:
-    header = request.headers.get("Authorization")
-    if header is None:
-        raise ApiError(401, ErrorCode.UNAUTHENTICATED, "an Authorization: Bearer token is required")
-    scheme, _, token = header.strip().partition(" ")
-    expected = settings().admin_token.encode()
-    # The scheme is case-insensitive (RFC 9110); the token is compared in constant time.
+    authenticate_admin(settings(), token_verifier())
+
+
+def _authenticate(op: Operation) -> None:
+    """Access (401, 403): the admin token or scope; with AUTH_MODE=jwt, a customer's token."""
+    if op.admin:
+        require_admin()
+        return
+    verifier = token_verifier()
+    if op.customer and verifier is not None:
+        authenticate_customer(settings(), verifier, acts=op.method != "GET")
+
+
+def _with_token_user(model: type[BaseModel], data: Any) -> Any:
+    """With AUTH_MODE=jwt a body may leave ``userId`` out: the token's user is meant."""
+    user = token_user()
+    field_info = model.model_fields.get("user_id")
     if (
-        scheme.lower() != "bearer"
-        or not expected
-        or not hmac.compare_digest(token.strip().encode(), expected)
+        user is None
+        or field_info is None
+        or not field_info.is_required()
+        or not isinstance(data, dict)
+        or "userId" in data
     ):
-        raise ApiError(403, ErrorCode.FORBIDDEN, "this token may not do that")
+        return data
+    return {**data, "userId": user}
+
+
+def _check_acting_user(op: Operation, path_args: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """AUTH_MODE=jwt: a ``userId`` named in the path, query or body is the token's user
+    (403 otherwise, nothing recorded); an admin may read any user's data."""
+    identity = current_identity()
+    if identity is None:
+        return
+    named = {path_args["user_id"]} if "user_id" in path_args else set()
+    for model in (kwargs.get("query"), kwargs.get("body")):
+        given = getattr(model, "user_id", None)
+        if given is not None:
+            named.add(given)
+    if len(named) != 1:
+        return  # none named, or query and body disagree: the view's 400
+    if named.pop() == identity.user_id or (identity.admin and op.method == "GET"):
+        return
+    raise forbidden("userId is not the token's user")
 
 
 def _too_large(limit: int) -> ApiError:
@@ -270,6 +323,7 @@ def operation(
     body: type[BaseModel] | None = None,
     query: type[BaseModel] | None = None,
     admin: bool = False,
+    customer: bool = False,
     rate_limited: bool = False,
     body_optional: bool = False,
     job: bool = False,
@@ -286,6 +340,7 @@ def operation(
         body=body,
         query=query,
         admin=admin,
+        customer=customer,
         rate_limited=rate_limited,
         body_optional=body_optional,
         job=job,
@@ -297,8 +352,7 @@ def operation(
     def decorator(view: V) -> V:
         @functools.wraps(view)
         def wrapper(**path_args: Any) -> Response:
-            if admin:
-                require_admin()
+            _authenticate(op)
             _check_size()
             _check_content_type()
             if rate_limited and settings().rate_limit_enabled:
@@ -311,9 +365,14 @@ def operation(
                 if body_optional and not has_body():
                     kwargs["body"] = None
                 else:
-                    kwargs["body"] = parse_model(body, read_json_body())
+                    data = read_json_body()
+                    if getattr(kwargs.get("query"), "user_id", None) is None:
+                        data = _with_token_user(body, data)
+                    kwargs["body"] = parse_model(body, data)
             elif has_body() and method in ("POST", "PUT"):
                 _refuse_body()
+            if customer:
+                _check_acting_user(op, path_args, kwargs)
             _check_path_ids(path_args)
             result: Response = view(**kwargs)
             return result
@@ -330,8 +389,9 @@ _PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")
 
 _ERROR_TEXT = {
     400: "Validation error (VALIDATION_ERROR); details name each bad field",
-    401: "No Authorization header (UNAUTHENTICATED)",
-    403: "Authorization present but not the admin token (FORBIDDEN)",
+    401: "No valid bearer token (UNAUTHENTICATED); WWW-Authenticate says why",
+    403: "The token may not do this: not the admin token or scope, or another user's"
+    " userId (FORBIDDEN)",
     404: "Unknown id or route (NOT_FOUND)",
     405: "Method not allowed (METHOD_NOT_ALLOWED)",
     409: "Stale version or forbidden transition (ORDER_STATE_CONFLICT)",
@@ -420,8 +480,10 @@ def _query_value_schema(prop: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "anyOf": rest}
 
 
-def _error_statuses(op: Operation) -> set[int]:
+def _error_statuses(op: Operation, jwt: bool) -> set[int]:
     statuses = {404, 405, 500}
+    if op.customer and jwt:
+        statuses |= {401, 403, 503}  # 503: a key server that cannot be reached
     if op.body is not None or op.query is not None or op.job:
         statuses.add(400)
     if op.body is not None or op.method in ("POST", "PUT"):
@@ -465,7 +527,7 @@ class _Components:
         return dict(self._keys[(model, self._mode(model))])
 
 
-def _operation_entry(op: Operation, components: _Components) -> dict[str, Any]:
+def _operation_entry(op: Operation, components: _Components, jwt: bool) -> dict[str, Any]:
     path = openapi_path(op.rule)
     entry: dict[str, Any] = {
         "summary": op.summary,
@@ -485,7 +547,7 @@ def _operation_entry(op: Operation, components: _Components) -> dict[str, Any]:
             "required": not op.body_optional,
             "content": {"application/json": {"schema": components.ref(op.body)}},
         }
-    if op.admin:
+    if op.admin or (op.customer and jwt):
         entry["security"] = [{"bearerAuth": []}]
     responses: dict[str, Any] = {}
     for status, model in op.responses.items():
@@ -499,7 +561,7 @@ def _operation_entry(op: Operation, components: _Components) -> dict[str, Any]:
             response["headers"] = _header_objects(headers)
         responses[str(status)] = response
     error_content = {"application/json": {"schema": components.ref(components.error)}}
-    for status in sorted(_error_statuses(op)):
+    for status in sorted(_error_statuses(op, jwt)):
         error: dict[str, Any] = {"description": _ERROR_TEXT[status], "content": error_content}
         if status in _ERROR_HEADERS:
             error["headers"] = _header_objects(_ERROR_HEADERS[status])
@@ -508,20 +570,50 @@ def _operation_entry(op: Operation, components: _Components) -> dict[str, Any]:
     return entry
 
 
-def build_openapi(title: str, version: str) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every registered operation."""
+def _user_id_optional(components: _Components) -> None:
+    """AUTH_MODE=jwt: a customer body may leave ``userId`` out (the token's user)."""
+    for op in OPERATIONS:
+        if not op.customer or op.body is None:
+            continue
+        name = components.ref(op.body)["$ref"].rsplit("/", 1)[-1]
+        schema = components.schemas[name]
+        if "userId" in schema.get("required", []):
+            schema["required"] = [f for f in schema["required"] if f != "userId"]
+            schema["properties"]["userId"]["description"] = (
+                "left out: the token's user; given: must be the token's user (else 403)"
+            )
+
+
+_BEARER_NONE = (
+    "The ADMIN_TOKEN, for admin calls.  (AUTH_MODE=none: customer calls name their userId.)"
+)
+_BEARER_JWT = (
+    "A JWT whose sub is the user (customer calls), or with the admin scope, or the"
+    " ADMIN_TOKEN (admin calls)."
+)
+
+
+def build_openapi(title: str, version: str, *, jwt: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every registered operation; ``jwt``: as AUTH_MODE=jwt
+    answers (customer calls take a bearer token and may leave ``userId`` out)."""
     components = _Components()
+    if jwt:
+        _user_id_optional(components)
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         paths.setdefault(openapi_path(op.rule), {})[op.method.lower()] = _operation_entry(
-            op, components
+            op, components, jwt
         )
+    scheme: dict[str, Any] = {"type": "http", "scheme": "bearer"}
+    if jwt:
+        scheme["bearerFormat"] = "JWT"
+    scheme["description"] = _BEARER_JWT if jwt else _BEARER_NONE
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
         "paths": paths,
         "components": {
             "schemas": components.schemas,
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearerAuth": scheme},
         },
     }

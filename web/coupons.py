@@ -7,6 +7,7 @@ from flask import Blueprint, Response
 from shared.domain.coupons import create_coupon, get_coupon
 from shared.jobs import JobKind
 from web.api import operation, query_or_body
+from web.identity import token_user
 from web.publish import accept_job
 from web.render import coupon_view, render
 from web.schemas import CouponCreate, CouponView, IssueBody, IssueQuery, JobAccepted
@@ -57,9 +58,12 @@ def get_coupon_by_id(coupon_id: int) -> Response:
     body=IssueBody,
     body_optional=True,
     responses={202: JobAccepted},
+    customer=True,
     rate_limited=True,
     job=True,
 )
 def post_issue(coupon_id: int, query: IssueQuery, body: IssueBody | None) -> Response:
-    user_id = query_or_body("userId", query.user_id, body.user_id if body else None)
+    user_id = query_or_body(
+        "userId", query.user_id, body.user_id if body else None, default=token_user()
+    )
     return accept_job(JobKind.COUPON_ISSUE, {"couponId": coupon_id, "userId": user_id})

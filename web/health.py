@@ -42,7 +42,7 @@ _DOCS_PAGE = """<!doctype html>
 <link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>
 <body><div id="ui"></div>
 <script src="/docs/assets/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui", persistAuthorization: true});</script>
 </body></html>
 """
 
@@ -117,7 +117,7 @@ def get_metrics() -> Response:
 def get_openapi() -> Response:
     document = current_app.extensions.get("openapi")
     if document is None:
-        document = build_openapi("Shop API", "1.0.0")
+        document = build_openapi("Shop API", "1.0.0", jwt=settings().jwt_auth)
         current_app.extensions["openapi"] = document
     return jsonify(document)
 

@@ -10,6 +10,7 @@ from werkzeug.exceptions import NotFound
 
 from shared.jobs import document_of, get_job, get_job_with_position
 from web.api import operation, settings
+from web.identity import may_read
 from web.schemas import JobView, JobWaitQuery
 from web.session import autocommit
 from web.waiters import JobWaiters
@@ -26,17 +27,19 @@ def current_document(job_id: uuid.UUID) -> dict[str, Any] | None:
     """
     with autocommit() as connection:
         found = get_job_with_position(connection, job_id)
-    return None if found is None else document_of(*found)
+    if found is None or not may_read(found[0].user_id):
+        return None  # another user's job reads as an unknown one (API.md)
+    return document_of(*found)
 
 
 def await_document(job_id: uuid.UUID, seconds: float) -> dict[str, Any] | None:
     """The job's status document once it finishes, or after ``seconds`` as it is then."""
     waiters: JobWaiters = current_app.extensions["job_waiters"]
-    with waiters.waiting(str(job_id)) as waiter:
+    with waiters.waiting(str(job_id), announce_for=seconds) as waiter:
         with autocommit() as connection:
             job = get_job(connection, job_id)
-        if job is None:
-            return None
+        if job is None or not may_read(job.user_id):
+            return None  # checked before waiting: a long poll of another's job is a 404
         if not job.pending:
             return document_of(job)
         # Its position is only needed if it is still PENDING at the end: read it then.
@@ -55,6 +58,7 @@ def wait_cap(requested: int) -> int:
     summary="A job's status; `wait` long-polls until it finishes",
     query=JobWaitQuery,
     responses={200: JobView},
+    customer=True,
 )
 def get_job_status(job_id: str, query: JobWaitQuery) -> Response:
     try:

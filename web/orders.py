@@ -6,15 +6,22 @@ import logging
 import re
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import NotFound
 
 from shared.cache import ProductCache
-from shared.domain.orders import change_order_status, get_order, list_order_histories
+from shared.domain.orders import (
+    change_order_status,
+    get_order,
+    list_order_histories,
+    order_owner,
+)
 from shared.domain.products import get_products, product_document
 from shared.formats import rfc3339
 from shared.jobs import JobKind
 from shared.partitions import HISTORY_QUEUE
 from web.api import operation
 from web.errors import validation_error
+from web.identity import current_identity, may_read
 from web.publish import Publisher, accept_job
 from web.render import order_view, render
 from web.schemas import (
@@ -51,6 +58,7 @@ IF_MATCH_HEADER = {
     summary="Place an order (job ORDER_CREATE on the partition of its smallest product id)",
     body=OrderCreate,
     responses={202: JobAccepted},
+    customer=True,
     rate_limited=True,
     job=True,
 )
@@ -66,6 +74,7 @@ def post_order(body: OrderCreate) -> Response:
     " partition)",
     body=PaymentBody,
     responses={202: JobAccepted},
+    customer=True,
     rate_limited=True,
     job=True,
 )
@@ -84,9 +93,12 @@ def post_payment(order_id: int, body: PaymentBody) -> Response:
     summary="An order with its lines; ETag is its version",
     responses={200: OrderView},
     headers={200: {"ETag": "the order's version, quoted"}},
+    customer=True,
 )
 def get_order_by_id(order_id: int) -> Response:
     order, lines = get_order(primary_read_session(), order_id)
+    if not may_read(order.user_id):
+        raise NotFound()  # another user's order: exactly as an unknown id (API.md)
     return render(order_view(order, lines), headers={"ETag": f'"{order.version}"'})
 
 
@@ -147,8 +159,13 @@ def _after_status_change(restocked: list[int]) -> None:
     "GET",
     summary="The states an order entered, in order",
     responses={200: OrderHistoryList},
+    customer=True,
 )
 def get_order_histories(order_id: int) -> Response:
+    if current_identity() is not None and not may_read(
+        order_owner(primary_read_session(), order_id)
+    ):
+        raise NotFound()  # another user's order (or none): exactly as an unknown id
     rows, _ = lagging_read(
         lambda s: list_order_histories(s, order_id), max_lag=ORDER_HISTORY_MAX_LAG
     )

@@ -23,6 +23,7 @@ bp = Blueprint("points", __name__, url_prefix="/v1/points")
     summary="Charge points (job POINTS_CHARGE on the user's partition)",
     body=PointsRequest,
     responses={202: JobAccepted},
+    customer=True,
     rate_limited=True,
     job=True,
 )
@@ -37,6 +38,7 @@ def post_charge(body: PointsRequest) -> Response:
     summary="Use points (job POINTS_USE on the user's partition)",
     body=PointsRequest,
     responses={202: JobAccepted},
+    customer=True,
     rate_limited=True,
     job=True,
 )
@@ -49,6 +51,7 @@ def post_use(body: PointsRequest) -> Response:
     "/<id:user_id>",
     "GET",
     summary="A user's balance (0 if never charged)",
+    customer=True,
     responses={200: BalanceView},
 )
 def get_points(user_id: int) -> Response:
@@ -61,6 +64,7 @@ def get_points(user_id: int) -> Response:
     "/<id:user_id>/histories",
     "GET",
     summary="A user's point changes, newest first",
+    customer=True,
     query=PageQuery,
     responses={200: Page[PointHistoryItem]},
 )

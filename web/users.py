@@ -18,6 +18,7 @@ bp = Blueprint("users", __name__, url_prefix="/v1/users")
     "/<id:user_id>/coupons",
     "GET",
     summary="A user's coupons, in the order issued",
+    customer=True,
     responses={200: UserCouponList},
 )
 def get_user_coupons(user_id: int) -> Response:

@@ -50,6 +50,14 @@ def get_order(session: Session, order_id: int) -> tuple[Order, list[OrderLine]]:
     return rows[0][0], [line for _, line in rows if line is not None]
 
 
+def order_owner(session: Session, order_id: int) -> int | None:
+    """The user an order belongs to (None: no such order), for reads limited to it."""
+    owner: int | None = session.execute(
+        select(Order.user_id).where(Order.id == order_id)
+    ).scalar_one_or_none()
+    return owner
+
+
 def change_order_status(
     session: Session, order_id: int, new_status: OrderStatus, *, expected_version: int | None
 ) -> tuple[Order, list[int]]:

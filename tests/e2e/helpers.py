@@ -18,7 +18,11 @@ import requests
 from sqlalchemy import Engine, text
 
 from shared.partitions import PartitionKind, partition
-from tests.conftest import ADMIN
+from tests.conftest import ADMIN, AUTH_MODES
+
+# A test so marked runs against AUTH_MODE=none and AUTH_MODE=jwt (its requests then carry
+# the token of the user they name: tests.tokens.UserTokens).
+both_auth_modes = pytest.mark.parametrize("stack", AUTH_MODES, indirect=True)
 
 # The stack runs with the default PARTITIONS (tests.stack sets no other).
 PARTITIONS = 16

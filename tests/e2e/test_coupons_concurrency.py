@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from tests.e2e.helpers import (
     accepted,
+    both_auth_modes,
     coupon_partition,
     create_coupon,
     error_code,
@@ -39,6 +40,7 @@ def _issue(
     return accepted(http.post(url, json={"userId": user_id}, timeout=60))
 
 
+@both_auth_modes
 def test_600_concurrent_issues_by_300_users_give_exactly_50(
     stack: Stack, http: requests.Session, engine: Engine, unique_id: Callable[[], int]
 ) -> None:
@@ -101,6 +103,7 @@ def test_600_concurrent_issues_by_300_users_give_exactly_50(
     assert [p[0] for p in partitions] == [coupon_partition(cid)]
 
 
+@both_auth_modes
 def test_first_come_first_served_for_sequential_requests(
     stack: Stack, http: requests.Session, engine: Engine, unique_id: Callable[[], int]
 ) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from tests.conftest import ADMIN, wait_job
 from tests.e2e.helpers import (
+    both_auth_modes,
     create_product,
     create_products_on_distinct_partitions,
     error_code,
@@ -31,6 +32,7 @@ from tests.stack import Stack
 pytestmark = pytest.mark.e2e
 
 
+@both_auth_modes
 def test_1000_concurrent_orders_on_stock_100_sell_exactly_100(
     stack: Stack, http: requests.Session, engine: Engine, unique_id: Callable[[], int]
 ) -> None:

@@ -11,11 +11,13 @@ import requests
 from sqlalchemy import Engine, text
 
 from tests.conftest import wait_job
+from tests.e2e.helpers import both_auth_modes
 from tests.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
 
+@both_auth_modes
 def test_charge_then_read_the_balance(
     stack: Stack, http: requests.Session, unique_id: Callable[[], int]
 ) -> None:
@@ -29,6 +31,7 @@ def test_charge_then_read_the_balance(
     assert http.get(f"{stack.base_url}/v1/points/{user}").json() == {"userId": user, "amount": 500}
 
 
+@both_auth_modes
 def test_200_concurrent_charges_and_uses_on_one_user_add_up(
     stack: Stack, http: requests.Session, engine: Engine, unique_id: Callable[[], int]
 ) -> None:

@@ -20,7 +20,7 @@ def test_from_env_converts_each_field() -> None:
             "JOB_MAX_ATTEMPTS": "5",
             "SWEEP_AFTER_SECONDS": "2.5",
             "WORKER_ID": "1",
-            "WORKER_THREADS": "3",
+            "WORKER_THREADS": "4",
             "RATE_LIMIT": "100 per minute",
             "LOG_LEVEL": "DEBUG",
             "ORDER_PAYMENT_TIMEOUT_SECONDS": "60",
@@ -33,7 +33,7 @@ def test_from_env_converts_each_field() -> None:
     assert (settings.partitions, settings.batch_size, settings.job_max_attempts) == (8, 50, 5)
     assert settings.sweep_after_seconds == 2.5
     assert isinstance(settings.sweep_after_seconds, float)
-    assert (settings.worker_id, settings.worker_threads) == (1, 3)
+    assert (settings.worker_id, settings.worker_threads) == (1, 4)
     assert settings.rate_limit == "100 per minute"
     assert settings.rate_limit_enabled
     assert settings.log_level == "DEBUG"
@@ -93,7 +93,17 @@ def test_good_rate_limits_are_taken(limit: str) -> None:
         ({"BATCH_SIZE": "0"}, "BATCH_SIZE"),
         ({"WORKER_THREADS": "0"}, "WORKER_THREADS"),
         ({"WORKER_ID": "-1"}, "WORKER_ID"),
-        ({"APP_ENV": "production"}, "ADMIN_TOKEN"),
+        ({"APP_ENV": "production", "AUTH_MODE": "jwt"}, "ADMIN_TOKEN"),
+        ({"APP_ENV": "production", "ADMIN_TOKEN": "t"}, "AUTH_MODE"),
+        ({"AUTH_MODE": "oauth"}, "AUTH_MODE"),
+        ({"AUTH_MODE": "jwt"}, "AUTH_JWT_SECRET"),
+        ({"AUTH_MODE": "jwt", "AUTH_JWT_SECRET": "short"}, "AUTH_JWT_SECRET"),
+        (
+            {"AUTH_MODE": "jwt", "AUTH_JWT_SECRET": "s" * 32, "AUTH_JWKS_URL": "https://idp/k"},
+            "exactly one",
+        ),
+        ({"AUTH_MODE": "jwt", "AUTH_JWKS_URL": "file:///etc/passwd"}, "AUTH_JWKS_URL"),
+        ({"AUTH_LEEWAY_SECONDS": "-1"}, "AUTH_LEEWAY_SECONDS"),
         ({"ORDER_PAYMENT_TIMEOUT_SECONDS": "0"}, "ORDER_PAYMENT_TIMEOUT_SECONDS"),
         ({"TOP_SELLERS_CACHE_SECONDS": "61"}, "TOP_SELLERS_CACHE_SECONDS"),
         ({"TOP_SELLERS_CACHE_SECONDS": "0"}, "TOP_SELLERS_CACHE_SECONDS"),
@@ -107,9 +117,24 @@ def test_inconsistent_settings_are_refused(environ: dict[str, str], named: str) 
         Settings.from_env({"DATABASE_URL": URL, **environ})
 
 
-def test_production_with_a_token_is_fine() -> None:
-    settings = Settings.from_env({"DATABASE_URL": URL, "APP_ENV": "production", "ADMIN_TOKEN": "t"})
+@pytest.mark.parametrize("mode", ["none", "jwt"])
+def test_production_with_a_token_and_an_explicit_auth_mode_is_fine(mode: str) -> None:
+    environ = {"DATABASE_URL": URL, "APP_ENV": "production", "ADMIN_TOKEN": "t", "AUTH_MODE": mode}
+    if mode == "jwt":
+        environ["AUTH_JWT_SECRET"] = "s" * 32
+    settings = Settings.from_env(environ)
     assert settings.app_env is AppEnv.PRODUCTION
+    assert settings.jwt_auth is (mode == "jwt")
+
+
+def test_auth_mode_defaults_to_none_outside_production_and_hides_its_secret() -> None:
+    assert Settings.from_env({"DATABASE_URL": URL}).jwt_auth is False
+    settings = Settings.from_env(
+        {"DATABASE_URL": URL, "AUTH_MODE": "jwt", "AUTH_JWT_SECRET": "top-secret" * 4}
+    )
+    assert settings.auth_leeway_seconds == 30
+    assert settings.auth_admin_scope == "shop:admin"
+    assert "top-secret" not in repr(settings)
 
 
 def test_replica_urls_come_from_the_list_and_its_alias_once_each() -> None:
@@ -184,7 +209,12 @@ def test_malformed_flower_basic_auth_is_refused(auth: str) -> None:
 
 
 def test_flower_needs_basic_auth_in_production_only() -> None:
-    production = {"DATABASE_URL": URL, "APP_ENV": "production", "ADMIN_TOKEN": "t"}
+    production = {
+        "DATABASE_URL": URL,
+        "APP_ENV": "production",
+        "ADMIN_TOKEN": "t",
+        "AUTH_MODE": "none",
+    }
     with pytest.raises(ConfigError, match="FLOWER_BASIC_AUTH is required"):
         Settings.from_env(production).check_flower()
     Settings.from_env({"DATABASE_URL": URL}).check_flower()
