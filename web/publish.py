@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 
 from shared.broker import TRANSPORT as BROKER_TRANSPORT
 from shared.broker import WakeUpTemplates
-from shared.cache import make_redis
+from shared.cache import make_redis, redis_keepalive_options
 from shared.config import Settings
 from shared.domain.errors import ErrorCode
 from shared.jobs import (
@@ -87,9 +87,10 @@ class CeleryPublisher:
                 "visibility_timeout": settings.visibility_timeout_seconds,
                 "socket_timeout": 1,
                 "socket_connect_timeout": 1,
+                **redis_keepalive_options(settings),
             },
         )
-        self._broker = make_redis(settings.broker_url, timeout=1.0)
+        self._broker = make_redis(settings.broker_url, timeout=1.0, settings=settings)
         self._wake_ups = WakeUpTemplates(self._broker, self._send_unsafe_in_transaction)
 
     def _send_unsafe_in_transaction(self, queue: str) -> None:

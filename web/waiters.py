@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 1.0
 SUBSCRIBE_TIMEOUT_SECONDS = 2.0
+# The listener polls this often, PINGs Redis after this long without a message and
+# reconnects when the PING gets no answer in time (the client's reads are bounded too).
+LISTEN_POLL_SECONDS = 1.0
+QUIET_SECONDS = 3.0
+PING_TIMEOUT_SECONDS = 2.0
 
 # Given the ids of waited-for jobs, the status documents of those that have finished.
 Recheck = Callable[[list[uuid.UUID]], dict[str, dict[str, Any]]]
@@ -69,6 +74,7 @@ class JobWaiters:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._down_since = 0.0  # when the listener lost Redis (0: subscribed or starting)
 
     @contextmanager
     def waiting(self, job_id: str) -> Iterator[Waiter]:
@@ -101,24 +107,47 @@ class JobWaiters:
                     )
                 for thread in self._threads:
                     thread.start()
-        # A notification published before the subscription took effect would be missed.
-        self._subscribed.wait(SUBSCRIBE_TIMEOUT_SECONDS)
+        # A notification published before the subscription took effect would be missed;
+        # while Redis stays away the rechecks answer instead, and nobody waits for it.
+        down = time.monotonic() - self._down_since if self._down_since else 0.0
+        self._subscribed.wait(max(0.0, SUBSCRIBE_TIMEOUT_SECONDS - down))
 
     def _listen(self) -> None:
         while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
             try:
-                pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
                 pubsub.subscribe(FINISHED_CHANNEL)
-                for message in pubsub.listen():
-                    if message["type"] == "subscribe":
-                        self._subscribed.set()
-                        self._recheck_all_soon()  # notifications may have been missed
-                    elif message["type"] == "message":
-                        self.resolve(json.loads(message["data"]))
+                self._relay(pubsub)
             except (redis.RedisError, OSError, ValueError) as exc:
                 self._subscribed.clear()
+                self._down_since = self._down_since or time.monotonic()
                 log.info("job listener reconnecting: %s", exc)
                 time.sleep(1.0)
+            finally:
+                pubsub.close()
+
+    def _relay(self, pubsub: Any) -> None:
+        """Hand on notifications; PING when quiet, and give the connection up when even
+        that gets no answer (a frozen Redis, a blackhole: nothing else would tell)."""
+        heard = time.monotonic()
+        pinged = False
+        while True:
+            message = pubsub.get_message(timeout=LISTEN_POLL_SECONDS)
+            now = time.monotonic()
+            if message is None:
+                if now - heard > QUIET_SECONDS + PING_TIMEOUT_SECONDS:
+                    raise redis.TimeoutError("no answer to PING: Redis is not answering")
+                if now - heard > QUIET_SECONDS and not pinged:
+                    pubsub.ping()
+                    pinged = True
+                continue
+            heard, pinged = now, False
+            if message["type"] == "subscribe":
+                self._subscribed.set()
+                self._down_since = 0.0
+                self._recheck_all_soon()  # notifications may have been missed
+            elif message["type"] == "message":
+                self.resolve(json.loads(message["data"]))
 
     def resolve(self, documents: dict[str, dict[str, Any]]) -> None:
         """Hand each finished job's document to whoever waits for it."""
