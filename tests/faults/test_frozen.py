@@ -229,7 +229,8 @@ class Probes:
 
 def _finished_job(rig: Rig, load: Load) -> str:
     answer = load.send(load.requests(1, {"points": 1.0})[0])
-    assert answer.status == 202 and answer.job_id
+    assert answer.status == 202
+    assert answer.job_id
     assert wait_settled(rig, 30) is not None
     return answer.job_id
 
