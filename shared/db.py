@@ -7,6 +7,7 @@ nothing else in ``shared`` commits, rolls back or closes.
 
 from __future__ import annotations
 
+import datetime as dt
 import select
 from typing import Any, TypeVar
 
@@ -73,6 +74,22 @@ def make_engine(
     )
     event.listen(engine, "checkout", _discard_dropped)
     return engine
+
+
+# Allowed clock difference between web and PostgreSQL, and the time from the server
+# checking a job INSERT's deadline to its commit.
+DEADLINE_MARGIN = dt.timedelta(milliseconds=500)
+
+
+def write_deadline(settings: Settings) -> dt.datetime:
+    """The deadline of a job INSERT sent now (``shared.jobs.record_many``): web stops
+    waiting for the answer after ``DB_CLIENT_TIMEOUT_MS``, so a server that receives the
+    statement later must not write the row of a request answered 503."""
+    return (
+        dt.datetime.now(dt.UTC)
+        + dt.timedelta(milliseconds=settings.db_client_timeout_ms)
+        - DEADLINE_MARGIN
+    )
 
 
 def worker_client_timeout(settings: Settings) -> float:

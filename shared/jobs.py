@@ -32,7 +32,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import Session
 
 from shared.domain.errors import ErrorCode
@@ -131,10 +131,21 @@ def fingerprint(method: str, path: str, payload: dict[str, Any]) -> str:
 
 _jobs = cast(Table, Job.__table__)
 # Only what the server makes: the rest of a new row is what the caller gave.
-_INSERT_ONCE = (
-    insert(_jobs)
-    .on_conflict_do_nothing(index_elements=["idempotency_key"])
-    .returning(_jobs.c.seq, _jobs.c.created_at)
+# Each job INSERT carries its writer's deadline: a server that starts the statement
+# later (it was frozen, or cut off, with the statement in its socket buffer) writes
+# nothing, so a request that gave up waiting and answered 503 never gets a row after
+# all (API.md: a 503 only when no job row was committed).  statement_timestamp() is
+# when the server received the statement, one value for every row of it.
+NO_DEADLINE = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
+_INSERT_ONCE = text(
+    """
+    INSERT INTO jobs (id, kind, partition, payload, idempotency_key, request_hash)
+    SELECT CAST(:id AS uuid), :kind, :partition, CAST(:payload AS jsonb), :idempotency_key,
+           :request_hash
+    WHERE statement_timestamp() < CAST(:deadline AS timestamptz)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING seq, created_at
+    """
 )
 _SELECT = select(*_jobs.c)
 
@@ -200,6 +211,10 @@ class IdempotencyKeyReused(Exception):
     """The key was used before with other input."""
 
 
+class WrittenTooLate(Exception):
+    """The server received the job INSERT after its deadline and wrote nothing."""
+
+
 @dataclass(frozen=True)
 class NewJob:
     """A job row about to be written (without an Idempotency-Key)."""
@@ -219,6 +234,7 @@ def record(
     idempotency_scope: str | None = None,
     request_hash: str | None = None,
     job_id: uuid.UUID | None = None,
+    deadline: dt.datetime = NO_DEADLINE,
 ) -> Recorded:
     """Add a PENDING job row (the caller commits, or runs it on an autocommit connection).
 
@@ -226,13 +242,14 @@ def record(
     key), concurrent requests with one key create one row: ``INSERT .. ON CONFLICT DO
     NOTHING`` on the unique key, then the existing row is returned if its fingerprint
     matches, else ``IdempotencyKeyReused`` is raised.  ``job_id`` lets the caller know
-    the id before the row exists (to listen for its outcome first).
+    the id before the row exists (to listen for its outcome first).  A server that
+    receives the statement after ``deadline`` writes nothing (``WrittenTooLate``).
     """
     new = NewJob(
         job_id or uuid.uuid4(), kind, partition_for_job(kind, payload, partitions), payload
     )
     if idempotency_scope is None:
-        return Recorded(record_many(executor, [new])[0], created=True)
+        return Recorded(record_many(executor, [new], deadline=deadline)[0], created=True)
     values: dict[str, Any] = {
         "id": new.id,
         "kind": kind.value,
@@ -241,12 +258,17 @@ def record(
         "idempotency_key": idempotency_scope,
         "request_hash": request_hash,
     }
-    inserted = executor.execute(_INSERT_ONCE, values).one_or_none()
+    inserted = executor.execute(
+        _INSERT_ONCE, values | {"payload": json.dumps(payload), "deadline": deadline}
+    ).one_or_none()
     if inserted is not None:
         return Recorded(_new_record(values, *inserted), created=True)
-    existing = _record_of(
-        executor.execute(_SELECT.where(_jobs.c.idempotency_key == idempotency_scope)).one()
-    )
+    found = executor.execute(
+        _SELECT.where(_jobs.c.idempotency_key == idempotency_scope)
+    ).one_or_none()
+    if found is None:  # no conflict: the statement came after its deadline
+        raise WrittenTooLate(str(new.id))
+    existing = _record_of(found)
     if existing.request_hash != request_hash:
         raise IdempotencyKeyReused(idempotency_scope)
     return Recorded(existing, created=False)
@@ -263,13 +285,17 @@ _INSERT_MANY = text(
     SELECT id, kind, partition, payload::jsonb
     FROM unnest(CAST(:ids AS uuid[]), CAST(:kinds AS text[]), CAST(:partitions AS text[]),
                 CAST(:payloads AS text[])) AS new(id, kind, partition, payload)
+    WHERE statement_timestamp() < CAST(:deadline AS timestamptz)
     RETURNING id, seq, created_at
     """
 )
 
 
-def record_many(executor: Executor, jobs: list[NewJob]) -> list[JobRecord]:
-    """Add PENDING job rows, one statement for all (the caller commits, or autocommit)."""
+def record_many(
+    executor: Executor, jobs: list[NewJob], *, deadline: dt.datetime = NO_DEADLINE
+) -> list[JobRecord]:
+    """Add PENDING job rows, one statement for all (the caller commits, or autocommit);
+    none if the server receives it after ``deadline`` (``WrittenTooLate``)."""
     rows = executor.execute(
         _INSERT_MANY,
         {
@@ -277,9 +303,12 @@ def record_many(executor: Executor, jobs: list[NewJob]) -> list[JobRecord]:
             "kinds": [j.kind.value for j in jobs],
             "partitions": [j.partition for j in jobs],
             "payloads": [json.dumps(j.payload) for j in jobs],
+            "deadline": deadline,
         },
     )
     made = {row.id: (row.seq, row.created_at) for row in rows}
+    if len(made) < len(jobs):
+        raise WrittenTooLate(str(jobs[0].id))
     return [
         _new_record(
             {"id": j.id, "kind": j.kind.value, "partition": j.partition, "payload": j.payload},

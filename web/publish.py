@@ -25,6 +25,7 @@ from shared.broker import TRANSPORT as BROKER_TRANSPORT
 from shared.broker import WakeUpTemplates
 from shared.cache import make_redis, redis_keepalive_options
 from shared.config import Settings
+from shared.db import write_deadline
 from shared.domain.errors import ErrorCode
 from shared.jobs import (
     WAKE_FLAG_SECONDS,
@@ -33,6 +34,7 @@ from shared.jobs import (
     JobRecord,
     JobStatus,
     NewJob,
+    WrittenTooLate,
     fingerprint,
     get_job,
     partition_for_job,
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 
 # Look-ups of a job row whose COMMIT lost its answer, before answering 503.
 COMMIT_CHECK_TRIES = 3
+COMMIT_CHECK_SECONDS = 1.0
 # API.md caps ``Prefer: wait`` at 30 seconds (and at MAX_WAIT_SECONDS).
 MAX_PREFER_WAIT_SECONDS = 30
 
@@ -192,11 +195,16 @@ def _committed_anyway(job_id: uuid.UUID) -> JobRecord | None:
     failed COMMIT, look the row up on a fresh connection (a few quick tries).  ``None``:
     not committed, or the database stays unreachable (then it cannot be known).
     """
+    started = time.monotonic()
     for attempt in range(COMMIT_CHECK_TRIES):
         try:
             with autocommit() as connection:
                 return get_job(connection, job_id)
         except DBAPIError:
+            # A server that does not answer at all (frozen, cut off) costs a connect
+            # timeout a try: the request is not held for more than one.
+            if time.monotonic() - started >= COMMIT_CHECK_SECONDS:
+                break
             time.sleep(0.1 * (attempt + 1))
     return None
 
@@ -220,8 +228,8 @@ def _write_batch(batch: list[NewJob]) -> list[JobRecord]:
         try:
             with autocommit() as connection:
                 connected = True
-                return record_many(connection, batch)
-        except DBAPIError as exc:
+                return record_many(connection, batch, deadline=write_deadline(settings()))
+        except (DBAPIError, WrittenTooLate) as exc:
             raise _WriteFailed(connected) from exc
 
     jobs: list[JobRecord] = db_breaker.call(insert)
@@ -287,6 +295,7 @@ def _record_and_commit(
                 idempotency_scope=scope,
                 request_hash=fingerprint(request.method, request.path, payload),
                 job_id=job_id,
+                deadline=write_deadline(settings()),
             ).job
 
     try:
@@ -295,7 +304,7 @@ def _record_and_commit(
         raise ApiError(
             422, ErrorCode.IDEMPOTENCY_KEY_REUSED, "this Idempotency-Key was used with other input"
         ) from exc
-    except (pybreaker.CircuitBreakerError, DBAPIError) as exc:
+    except (pybreaker.CircuitBreakerError, DBAPIError, WrittenTooLate) as exc:
         return _unavailable_unless_committed(job_id, connected, exc)
     if job.pending:
         _wake({job.partition})

@@ -107,10 +107,10 @@ class JobWaiters:
                     )
                 for thread in self._threads:
                     thread.start()
-        # A notification published before the subscription took effect would be missed;
-        # while Redis stays away the rechecks answer instead, and nobody waits for it.
-        down = time.monotonic() - self._down_since if self._down_since else 0.0
-        self._subscribed.wait(max(0.0, SUBSCRIBE_TIMEOUT_SECONDS - down))
+        # A notification published before the subscription took effect would be missed.
+        # Once the listener has lost Redis nobody waits for it: the rechecks answer.
+        if not self._down_since:
+            self._subscribed.wait(SUBSCRIBE_TIMEOUT_SECONDS)
 
     def _listen(self) -> None:
         while True:

@@ -131,7 +131,15 @@ def test_a_frozen_drainer_loses_its_partitions_within_seconds(tmp_path: Path) ->
                 _thaw_all()
             resumed_at = time.monotonic()
             victim_port = metrics + (1 if key == "worker-1" else 0)
-            drains_at_thaw = worker_drains(victim_port) or 0.0
+            scraped: list[float] = []
+
+            def scrape() -> bool:
+                count = worker_drains(victim_port)  # None: not answering (yet)
+                scraped.extend([] if count is None else [count])
+                return count is not None
+
+            wait_until(scrape, 30, "the resumed worker's metrics")
+            drains_at_thaw = scraped[0]
             stream.join()
             # The resumed worker drains again by itself.
             recovered = wait_until(
