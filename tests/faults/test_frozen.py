@@ -59,8 +59,9 @@ FREEZE_SECONDS = 20.0
 # Issue 16: another worker takes the partition over within about 15 s of a freeze
 # (idle-in-transaction timeout 5 s, then the sweeper: jobs PENDING 3 s, every 1 s here).
 TAKEOVER_BOUND = 15.0
-# With PostgreSQL frozen: DB_CLIENT_TIMEOUT_MS (5 s) and a little.
-PG_FROZEN_ANSWER_BOUND = 7.0
+# With PostgreSQL frozen: DB_CLIENT_TIMEOUT_MS (5 s), then for a job POST one look-up
+# of its row on a fresh connection (a connect timeout, 2 s) and a little.
+PG_FROZEN_ANSWER_BOUND = 8.0
 # With Redis frozen: a POST's wake-up waits at most the broker client's 1 s (then the
 # breaker), a product read the cache client's 0.25 s; Prefer: wait=n about n seconds.
 REDIS_FROZEN_POST_BOUND = 3.0
@@ -282,10 +283,7 @@ def test_frozen_postgres_answers_503_fast_and_recovers(tmp_path: Path) -> None:
             )
         finally:
             load.close()
-    problems = [p for p in report.problems if "committed for a request answered 503" not in p]
-    # A POST whose INSERT reached the server just before (or while) it froze can be answered
-    # 503 and still commit when the server resumes: reported, not failed (README, "Frozen
-    # and cut-off processes").
+    problems = list(report.problems)  # a 503 whose row commits at SIGCONT is one of them
     for name, seconds in probes.slowest.items():
         if seconds > PG_FROZEN_ANSWER_BOUND:
             problems.append(f"{name}: an answer took {seconds:.1f}s with PostgreSQL frozen")

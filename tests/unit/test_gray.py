@@ -11,6 +11,7 @@ the session for real.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import time
 import uuid
@@ -28,7 +29,15 @@ import workers.points  # registers the points handler
 from shared.config import Settings
 from shared.db import make_engine
 from shared.domain.points import get_balance
-from shared.jobs import FINISHED_CHANNEL, JobKind, JobStatus, record
+from shared.jobs import (
+    FINISHED_CHANNEL,
+    JobKind,
+    JobStatus,
+    NewJob,
+    WrittenTooLate,
+    record,
+    record_many,
+)
 from shared.models import Job
 from workers.base import Runtime, apply_next_batch, is_transient
 
@@ -217,3 +226,60 @@ def test_every_session_carries_the_gray_failure_bounds(settings: Settings) -> No
         "tcp_keepalives_count": "3",
         "tcp_user_timeout": "10000",
     }
+
+
+def test_a_job_insert_received_after_its_deadline_writes_nothing(db_session: Any) -> None:
+    """A server frozen with the INSERT in its buffer resumes after web answered 503:
+    the statement is received too late and writes no row (keyed or not)."""
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    job_id = uuid.uuid4()
+    with pytest.raises(WrittenTooLate):
+        record_many(
+            db_session,
+            [NewJob(job_id, JobKind.POINTS_CHARGE, "user.0", {"userId": 1, "amount": 1})],
+            deadline=past,
+        )
+    with pytest.raises(WrittenTooLate):
+        record(
+            db_session,
+            kind=JobKind.POINTS_CHARGE,
+            payload={"userId": 1, "amount": 1},
+            partitions=16,
+            idempotency_scope=f"POST /v1/points/charge {job_id}",
+            request_hash="x",
+            deadline=past,
+        )
+    assert db_session.get(Job, job_id) is None
+    assert (
+        db_session.scalar(
+            text("SELECT count(*) FROM jobs WHERE idempotency_key LIKE :k"), {"k": f"%{job_id}"}
+        )
+        == 0
+    )
+    # In time, both write (and the key's replay finds its row, whatever the deadline).
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
+    made = record_many(
+        db_session,
+        [NewJob(job_id, JobKind.POINTS_CHARGE, "user.0", {"userId": 1, "amount": 1})],
+        deadline=future,
+    )
+    assert [j.id for j in made] == [job_id]
+    keyed = record(
+        db_session,
+        kind=JobKind.POINTS_CHARGE,
+        payload={"userId": 1, "amount": 1},
+        partitions=16,
+        idempotency_scope=f"POST /v1/points/charge {job_id}",
+        request_hash="x",
+        deadline=future,
+    )
+    replay = record(
+        db_session,
+        kind=JobKind.POINTS_CHARGE,
+        payload={"userId": 1, "amount": 1},
+        partitions=16,
+        idempotency_scope=f"POST /v1/points/charge {job_id}",
+        request_hash="x",
+        deadline=past,
+    )
+    assert (keyed.created, replay.created, replay.job.id) == (True, False, keyed.job.id)
