@@ -324,6 +324,7 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
 
     scope = _idempotency_scope()
     wait = preferred_wait()
+    started = time.monotonic()
     _ensure_broker_reachable(broker_breaker, publisher)
     job_id = uuid.uuid4()
     with waiters.waiting(str(job_id)) if wait else contextlib.nullcontext() as waiter:
@@ -336,7 +337,10 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
             document = await_document(job.id, wait)
         else:
             assert waiter is not None
-            document = waiter.wait(wait) or current_document(job.id)
+            # n seconds from the request, not from the commit: a slow wake-up (the
+            # broker away, its timeout) is not added on top.
+            left = wait - (time.monotonic() - started)
+            document = waiter.wait(left) or current_document(job.id)
     if document is None or document["status"] == JobStatus.PENDING.value:
         return job_accepted(job)
     return job_finished(document, wait)

@@ -34,7 +34,7 @@ from shared.jobs import FINISHED_CHANNEL
 log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 1.0
-SUBSCRIBE_TIMEOUT_SECONDS = 2.0
+SUBSCRIBE_TIMEOUT_SECONDS = 0.5
 # The listener polls this often, PINGs Redis after this long without a message and
 # reconnects when the PING gets no answer in time (the client's reads are bounded too).
 LISTEN_POLL_SECONDS = 1.0
@@ -74,7 +74,7 @@ class JobWaiters:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._down_since = 0.0  # when the listener lost Redis (0: subscribed or starting)
+        self._connecting_since = time.monotonic()  # the listener's current (re)connect
 
     @contextmanager
     def waiting(self, job_id: str) -> Iterator[Waiter]:
@@ -98,6 +98,7 @@ class JobWaiters:
         with self._lock:
             if not self._threads or not all(t.is_alive() for t in self._threads):
                 # Started lazily: after gunicorn forks, in the process that waits.
+                self._connecting_since = time.monotonic()
                 self._threads = [
                     threading.Thread(target=self._listen, name="job-waiters", daemon=True)
                 ]
@@ -107,20 +108,22 @@ class JobWaiters:
                     )
                 for thread in self._threads:
                     thread.start()
-        # A notification published before the subscription took effect would be missed.
-        # Once the listener has lost Redis nobody waits for it: the rechecks answer.
-        if not self._down_since:
-            self._subscribed.wait(SUBSCRIBE_TIMEOUT_SECONDS)
+        # A notification published before the subscription took effect would be missed;
+        # requests wait for it up to SUBSCRIBE_TIMEOUT_SECONDS after the listener began
+        # connecting, not each its own: with Redis away, the rechecks answer instead.
+        if not self._subscribed.is_set():
+            left = self._connecting_since + SUBSCRIBE_TIMEOUT_SECONDS - time.monotonic()
+            self._subscribed.wait(max(0.0, left))
 
     def _listen(self) -> None:
         while True:
+            self._connecting_since = time.monotonic()
             pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(FINISHED_CHANNEL)
                 self._relay(pubsub)
             except (redis.RedisError, OSError, ValueError) as exc:
                 self._subscribed.clear()
-                self._down_since = self._down_since or time.monotonic()
                 log.info("job listener reconnecting: %s", exc)
                 time.sleep(1.0)
             finally:
@@ -144,7 +147,6 @@ class JobWaiters:
             heard, pinged = now, False
             if message["type"] == "subscribe":
                 self._subscribed.set()
-                self._down_since = 0.0
                 self._recheck_all_soon()  # notifications may have been missed
             elif message["type"] == "message":
                 self.resolve(json.loads(message["data"]))
