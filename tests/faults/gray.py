@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from shared.config import REDIS_DB_BROKER, redis_url_for
@@ -284,3 +286,29 @@ def namespace(tag: str) -> Iterator[Namespace]:
                 ns.heal()
             subprocess.run(["ip", "link", "del", host_link], capture_output=True, check=False)
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def drains_of(host: str, port: int) -> float | None:
+    """``shop_drains_total`` of the worker serving its metrics on ``host:port`` (None: no
+    answer)."""
+    try:
+        text = requests.get(f"http://{host}:{port}/metrics", timeout=2).text
+    except requests.RequestException:
+        return None
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "shop_drains_total"
+    )
+
+
+def wait_drains(host: str, port: int, timeout: float = 30) -> float:
+    """The worker's drain count, once its metrics answer (fails past ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        count = drains_of(host, port)
+        if count is not None:
+            return count
+        time.sleep(0.2)
+    raise AssertionError(f"no metrics from {host}:{port} within {timeout}s")

@@ -321,9 +321,9 @@ def test_frozen_redis_keeps_answers_within_the_contract(tmp_path: Path) -> None:
     bounds = {
         "post": REDIS_FROZEN_POST_BOUND,
         "post_prefer_wait": PREFER_WAIT + 1.5,
-        "product": 1.5,
-        "balance": 1.5,
-        "job_wait": 2 + 1.5,
+        "product": 2.0,
+        "balance": 2.0,
+        "job_wait": 2 + 2.0,
     }
     for name, bound in bounds.items():
         if probes.slowest[name] > bound:
