@@ -141,13 +141,15 @@ def test_a_frozen_drainer_loses_its_partitions_within_seconds(tmp_path: Path) ->
 
             wait_until(scrape, 30, "the resumed worker's metrics")
             drains_at_thaw = scraped[0]
-            stream.join()
-            # The resumed worker drains again by itself.
-            recovered = wait_until(
+            # The resumed worker drains again by itself (the stream still runs), timed
+            # from SIGCONT.
+            wait_until(
                 lambda: (worker_drains(victim_port) or 0.0) >= drains_at_thaw + 3,
                 60,
                 "the resumed worker draining again",
             )
+            recovered = time.monotonic() - resumed_at
+            stream.join()
             report = settle_and_check(
                 rig,
                 shop,
