@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import hashlib
 import json
+import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import redis
 from sqlalchemy import (
@@ -24,6 +26,7 @@ from sqlalchemy import (
     Row,
     String,
     Table,
+    TextClause,
     bindparam,
     case,
     column,
@@ -60,8 +63,16 @@ class JobStatus(enum.StrEnum):
 DRAIN_TASK = "jobs.drain"
 HISTORY_TASK = "history.drain"
 
-# Redis (coordination db) names shared by web and workers.
-FINISHED_CHANNEL = "jobs:finished"
+# Redis (broker db) names shared by web and workers.  A job's outcome is published to
+# the channels of the web processes waiting for it, not broadcast: its row's
+# ``reply_to`` (the process that accepted it with ``Prefer: wait``) and the members of
+# ``waiters:<job id>`` (processes holding a long poll on it).
+FINISHED_CHANNEL_PREFIX = "jobs:finished:"
+
+
+def waiters_key(job_id: str) -> str:
+    """The set of channels of web processes long-polling ``job_id``."""
+    return f"waiters:{job_id}"
 
 
 def task_for_queue(queue: str) -> str:
@@ -92,8 +103,11 @@ def wake_partition(flags: redis.Redis, queue: str, send: Callable[[str], None]) 
 
 
 def wake_key(queue: str) -> str:
-    """Set while a wake-up for ``queue`` is in flight, so bursts send one message, not N."""
-    return f"wake:{queue}"
+    """Set while a wake-up for ``queue``'s kind is in flight, so bursts send one message,
+    not N.  One flag per partition kind (``wake:product``), not per partition: a drain
+    takes every partition of its kind that has PENDING jobs (``lock_pending_batch``), so
+    one wake-up serves them all and batches follow what is in flight (rule 6)."""
+    return f"wake:{queue.partition('.')[0]}"
 
 
 PARTITION_KIND_OF: dict[JobKind, PartitionKind] = {
@@ -131,17 +145,18 @@ def fingerprint(method: str, path: str, payload: dict[str, Any]) -> str:
 
 _jobs = cast(Table, Job.__table__)
 # Only what the server makes: the rest of a new row is what the caller gave.
-# Each job INSERT carries its writer's deadline: a server that starts the statement
-# later (it was frozen, or cut off, with the statement in its socket buffer) writes
-# nothing, so a request that gave up waiting and answered 503 never gets a row after
-# all (API.md: a 503 only when no job row was committed).  statement_timestamp() is
-# when the server received the statement, one value for every row of it.
+# Each job INSERT carries its writer's deadline: a server that receives the statement
+# later (it was frozen, or cut off, with the statement in its socket buffer or in
+# retransmission) writes nothing, so a request that gave up waiting and answered 503
+# never gets a row after all (API.md: a 503 only when no job row was committed).
+# statement_timestamp() is when the server received the statement: one value for all
+# of its rows.
 NO_DEADLINE = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
 _INSERT_ONCE = text(
     """
-    INSERT INTO jobs (id, kind, partition, payload, idempotency_key, request_hash)
+    INSERT INTO jobs (id, kind, partition, payload, idempotency_key, request_hash, reply_to)
     SELECT CAST(:id AS uuid), :kind, :partition, CAST(:payload AS jsonb), :idempotency_key,
-           :request_hash
+           :request_hash, :reply_to
     WHERE statement_timestamp() < CAST(:deadline AS timestamptz)
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING seq, created_at
@@ -173,6 +188,9 @@ class JobRecord:
     request_hash: str | None
     created_at: dt.datetime
     finished_at: dt.datetime | None
+    # The channel of the web process that accepted the job with ``Prefer: wait`` and
+    # waits for its outcome (None: nobody waited when it was accepted).
+    reply_to: str | None = None
 
     @property
     def pending(self) -> bool:
@@ -198,6 +216,7 @@ def _new_record(values: dict[str, Any], seq: int, created_at: dt.datetime) -> Jo
         request_hash=values.get("request_hash"),
         created_at=created_at,
         finished_at=None,
+        reply_to=values.get("reply_to"),
     )
 
 
@@ -223,6 +242,7 @@ class NewJob:
     kind: JobKind
     partition: str
     payload: dict[str, Any]
+    reply_to: str | None = None
 
 
 def record(
@@ -234,6 +254,7 @@ def record(
     idempotency_scope: str | None = None,
     request_hash: str | None = None,
     job_id: uuid.UUID | None = None,
+    reply_to: str | None = None,
     deadline: dt.datetime = NO_DEADLINE,
 ) -> Recorded:
     """Add a PENDING job row (the caller commits, or runs it on an autocommit connection).
@@ -242,11 +263,16 @@ def record(
     key), concurrent requests with one key create one row: ``INSERT .. ON CONFLICT DO
     NOTHING`` on the unique key, then the existing row is returned if its fingerprint
     matches, else ``IdempotencyKeyReused`` is raised.  ``job_id`` lets the caller know
-    the id before the row exists (to listen for its outcome first).  A server that
-    receives the statement after ``deadline`` writes nothing (``WrittenTooLate``).
+    the id before the row exists (to listen for its outcome first), and ``reply_to``
+    the channel its outcome is published to.  A server that receives the statement
+    after ``deadline`` writes nothing (``WrittenTooLate``).
     """
     new = NewJob(
-        job_id or uuid.uuid4(), kind, partition_for_job(kind, payload, partitions), payload
+        job_id or uuid.uuid4(),
+        kind,
+        partition_for_job(kind, payload, partitions),
+        payload,
+        reply_to,
     )
     if idempotency_scope is None:
         return Recorded(record_many(executor, [new], deadline=deadline)[0], created=True)
@@ -257,6 +283,7 @@ def record(
         "payload": payload,
         "idempotency_key": idempotency_scope,
         "request_hash": request_hash,
+        "reply_to": reply_to,
     }
     inserted = executor.execute(
         _INSERT_ONCE, values | {"payload": json.dumps(payload), "deadline": deadline}
@@ -279,16 +306,57 @@ _GET_JOB = _SELECT.where(_jobs.c.id == bindparam("job_id"))
 
 # Many job rows in one statement, as array parameters (compiled once for any count);
 # rows come back keyed by id, whatever order RETURNING uses.
-_INSERT_MANY = text(
-    """
-    INSERT INTO jobs (id, kind, partition, payload)
-    SELECT id, kind, partition, payload::jsonb
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:kinds AS text[]), CAST(:partitions AS text[]),
-                CAST(:payloads AS text[])) AS new(id, kind, partition, payload)
-    WHERE statement_timestamp() < CAST(:deadline AS timestamptz)
+_INSERT_MANY_SQL = """
+    INSERT INTO jobs (id, kind, partition, payload, reply_to)
+    SELECT id, kind, partition, payload::jsonb, reply_to
+    FROM unnest(CAST({ids} AS uuid[]), CAST({kinds} AS text[]), CAST({partitions} AS text[]),
+                CAST({payloads} AS text[]), CAST({reply_to} AS text[]))
+         AS new(id, kind, partition, payload, reply_to)
+    WHERE statement_timestamp() < CAST({deadline} AS timestamptz)
     RETURNING id, seq, created_at
-    """
-)
+"""
+_COLUMNS = ("ids", "kinds", "partitions", "payloads", "reply_to", "deadline")
+_INSERT_MANY = text(_INSERT_MANY_SQL.format(**{c: f":{c}" for c in _COLUMNS}))
+# The same for a DB-API cursor of psycopg (its ``pyformat`` parameters).
+_INSERT_MANY_DBAPI = _INSERT_MANY_SQL.format(**{c: f"%({c})s" for c in _COLUMNS})
+
+
+class Cursor(Protocol):
+    """The part of a DB-API cursor ``record_many_on_cursor`` uses."""
+
+    def execute(self, query: str, params: dict[str, Any]) -> Any: ...
+
+    def fetchall(self) -> Sequence[Any]: ...
+
+
+def _insert_parameters(jobs: list[NewJob], deadline: dt.datetime) -> dict[str, Any]:
+    return {
+        "deadline": deadline,
+        "ids": [j.id for j in jobs],
+        "kinds": [j.kind.value for j in jobs],
+        "partitions": [j.partition for j in jobs],
+        "payloads": [json.dumps(j.payload) for j in jobs],
+        "reply_to": [j.reply_to for j in jobs],
+    }
+
+
+def _recorded(jobs: list[NewJob], rows: Iterable[tuple[Any, ...]]) -> list[JobRecord]:
+    made = {job_id: (seq, created_at) for job_id, seq, created_at in rows}
+    if len(made) < len(jobs):  # none written: received after the deadline
+        raise WrittenTooLate(str(jobs[0].id))
+    return [
+        _new_record(
+            {
+                "id": j.id,
+                "kind": j.kind.value,
+                "partition": j.partition,
+                "payload": j.payload,
+                "reply_to": j.reply_to,
+            },
+            *made[j.id],
+        )
+        for j in jobs
+    ]
 
 
 def record_many(
@@ -296,26 +364,19 @@ def record_many(
 ) -> list[JobRecord]:
     """Add PENDING job rows, one statement for all (the caller commits, or autocommit);
     none if the server receives it after ``deadline`` (``WrittenTooLate``)."""
-    rows = executor.execute(
-        _INSERT_MANY,
-        {
-            "ids": [j.id for j in jobs],
-            "kinds": [j.kind.value for j in jobs],
-            "partitions": [j.partition for j in jobs],
-            "payloads": [json.dumps(j.payload) for j in jobs],
-            "deadline": deadline,
-        },
-    )
-    made = {row.id: (row.seq, row.created_at) for row in rows}
-    if len(made) < len(jobs):
-        raise WrittenTooLate(str(jobs[0].id))
-    return [
-        _new_record(
-            {"id": j.id, "kind": j.kind.value, "partition": j.partition, "payload": j.payload},
-            *made[j.id],
-        )
-        for j in jobs
-    ]
+    rows = executor.execute(_INSERT_MANY, _insert_parameters(jobs, deadline))
+    return _recorded(jobs, (tuple(row) for row in rows))
+
+
+def record_many_on_cursor(
+    cursor: Cursor, jobs: list[NewJob], *, deadline: dt.datetime = NO_DEADLINE
+) -> list[JobRecord]:
+    """``record_many`` on a psycopg cursor of an autocommit connection: the statement
+    is its own transaction.  The group commit of job rows runs it for every job POST:
+    without SQLAlchemy's connection and execution context around it, the INSERT costs
+    web about half the CPU (raises the driver's own errors, not SQLAlchemy's)."""
+    cursor.execute(_INSERT_MANY_DBAPI, _insert_parameters(jobs, deadline))
+    return _recorded(jobs, cursor.fetchall())
 
 
 def get_job(executor: Executor, job_id: uuid.UUID) -> JobRecord | None:
@@ -423,40 +484,97 @@ def partition_lock_id(queue: str) -> int:
 
 
 _LOCK_PARTITION = select(func.pg_advisory_xact_lock(bindparam("lock_id")))
-_PENDING = (_jobs.c.partition == bindparam("queue")) & (_jobs.c.status == JobStatus.PENDING.value)
-# The advisory lock is taken by the statement that reads the batch (one round trip).  Its
-# snapshot may predate the lock, so it may see as PENDING jobs that a drainer it waited
-# for has just finished: FOR UPDATE re-checks each row it locks against the committed
-# version (EvalPlanQual) and skips those, so only still-PENDING jobs come back, in seq
-# order; jobs committed after the snapshot are the next batch's.
-_LOCK_PENDING_BATCH = (
-    _SELECT.where(_PENDING, func.pg_advisory_xact_lock(bindparam("lock_id")).is_not(None))
-    .order_by(_jobs.c.seq)
-    .limit(bindparam("limit"))
-    .with_for_update()
-)
-_HAS_PENDING = select(_jobs.c.id).where(_PENDING).limit(1)
+
+# The drain's read (rule 6: batches follow what is in flight, not what one partition
+# holds): the PENDING jobs of every partition of one kind whose advisory lock this
+# transaction can take, in seq order, locked.  ``backlog`` lists the partitions with
+# PENDING jobs, oldest first; ``walk`` try-locks them in that order (a partition
+# another drainer holds is skipped, never waited for) until the partitions it got hold
+# as many jobs as the batch takes, so a second drainer of the kind finds the rest.
+# The try-lock is volatile: these CTEs are never inlined, and the walk's CASE keeps it
+# from running once the batch is full.
+# The statement's snapshot may predate a lock it takes, so it may see as PENDING jobs
+# that the drainer which held that lock has just finished: FOR UPDATE re-checks each
+# row it locks against the committed version (EvalPlanQual) and skips those, so only
+# still-PENDING jobs come back, in seq order, and each partition's jobs form a prefix
+# of its queue; jobs committed after the snapshot are the next batch's.
+_LOCK_PENDING_BATCH = """
+    WITH RECURSIVE backlog AS MATERIALIZED (
+        SELECT p.queue, p.lock_id, count(*) AS pending,
+               row_number() OVER (ORDER BY min(j.seq)) AS n
+        FROM unnest({queues}, {lock_ids}) AS p(queue, lock_id)
+        JOIN jobs AS j ON j.partition = p.queue AND j.status = 'PENDING'
+        GROUP BY p.queue, p.lock_id
+    ), walk(n, taken, queue) AS (
+        SELECT CAST(0 AS bigint), CAST(0 AS bigint), CAST(NULL AS text)
+        UNION ALL
+        SELECT b.n, w.taken + CASE WHEN g.got THEN b.pending ELSE 0 END,
+               CASE WHEN g.got THEN b.queue END
+        FROM walk AS w
+        JOIN backlog AS b ON b.n = w.n + 1
+        CROSS JOIN LATERAL (
+            SELECT CASE WHEN w.taken < :limit THEN pg_try_advisory_xact_lock(b.lock_id)
+                        ELSE false END AS got
+        ) AS g
+    )
+    SELECT j.* FROM jobs AS j
+    WHERE j.status = 'PENDING' AND j.partition IN (SELECT queue FROM walk)
+    ORDER BY j.seq
+    LIMIT :limit
+    FOR UPDATE OF j
+    """
+# Whether a partition of the kind holds a PENDING job that no drainer holds now (the
+# try-lock, in an autocommit statement, is let go at once).  A partition another
+# drainer holds is left to it: that drainer looks again after its commit.
+_HAS_UNHELD_PENDING = """
+    SELECT 1
+    FROM unnest({queues}, {lock_ids}) AS p(queue, lock_id)
+    WHERE CASE WHEN EXISTS (
+              SELECT 1 FROM jobs WHERE partition = p.queue AND status = 'PENDING')
+          THEN pg_try_advisory_xact_lock(p.lock_id) ELSE false END
+    LIMIT 1
+    """
 _LOCK_PENDING_JOB = _SELECT.where(
     _jobs.c.id == bindparam("job_id"), _jobs.c.status == JobStatus.PENDING.value
 ).with_for_update()
 
 
-def lock_pending_batch(session: Session, queue: str, limit: int) -> list[JobRecord]:
-    """The oldest PENDING jobs of ``queue``, locked, in commit order.
+_QUEUE_NAME = re.compile(r"^[a-z0-9_.]+$")
 
-    The transaction-scoped advisory lock makes the partition's consumer exclusive
-    even if two workers ever receive its wake-ups (a rebalance, a sweeper re-send):
-    the second waits, then finds those jobs finished.
-    """
-    rows = session.execute(
-        _LOCK_PENDING_BATCH,
-        {"queue": queue, "lock_id": partition_lock_id(queue), "limit": limit},
+
+@functools.lru_cache(maxsize=64)
+def _for_queues(template: str, queues: tuple[str, ...]) -> TextClause:
+    """``template`` with the queues and their lock ids as array literals: a kind's
+    queues never change, so its statements are built once (psycopg then prepares them)
+    and no execution pays for dumping the arrays."""
+    if not all(_QUEUE_NAME.match(queue) for queue in queues):
+        raise ValueError(f"not a queue name among {queues}")
+    lock_ids = ",".join(str(partition_lock_id(queue)) for queue in queues)
+    return text(
+        template.format(
+            queues=f"CAST('{{{','.join(queues)}}}' AS text[])",
+            lock_ids=f"CAST('{{{lock_ids}}}' AS bigint[])",
+        )
     )
+
+
+def lock_pending_batch(session: Session, queues: list[str], limit: int) -> list[JobRecord]:
+    """The oldest PENDING jobs of those of ``queues`` (one partition kind) whose advisory
+    locks this transaction takes, locked, in commit order; at most ``limit``.
+
+    Each partition's transaction-scoped advisory lock makes its applier exclusive
+    (rule 6) whichever worker took which wake-up: a partition held by another drainer
+    is skipped, and each partition's jobs come back as a prefix of its queue in seq
+    order, so one resource's jobs are never reordered.
+    """
+    rows = session.execute(_for_queues(_LOCK_PENDING_BATCH, tuple(queues)), {"limit": limit})
     return [_record_of(row) for row in rows]
 
 
-def partition_has_pending(executor: Executor, queue: str) -> bool:
-    return executor.execute(_HAS_PENDING, {"queue": queue}).first() is not None
+def has_unheld_pending(executor: Executor, queues: list[str]) -> bool:
+    """Whether one of ``queues`` holds a PENDING job and no drainer holds its lock."""
+    statement = _for_queues(_HAS_UNHELD_PENDING, tuple(queues))
+    return executor.execute(statement).first() is not None
 
 
 def lock_pending_job(session: Session, queue: str, job_id: uuid.UUID) -> JobRecord | None:
@@ -590,6 +708,53 @@ def purge_idempotency_keys(session: Session, older_than: dt.timedelta) -> int:
     return int(result.rowcount)  # type: ignore[attr-defined]  # CursorResult of an UPDATE
 
 
+# ---- telling waiting web processes ------------------------------------------------
+
+# KEYS: ``waiters:<id>`` of each finished job; ARGV: per job its id, its row's
+# ``reply_to`` ('' if none) and its status document (JSON).  Each channel named by a
+# job gets one message with the documents meant for it, ``{"<id>": document, ...}``:
+# a web process parses only the outcomes of its own waiters, however many web
+# processes run.  A job nobody waits for costs a set lookup and no message.
+_ANNOUNCE = """
+local parts, channels = {}, {}
+for i = 1, #KEYS do
+  local id, reply, document = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local targets = redis.call('SMEMBERS', KEYS[i])
+  if reply ~= '' then table.insert(targets, reply) end
+  local told = {}
+  for _, channel in ipairs(targets) do
+    if not told[channel] then
+      told[channel] = true
+      if parts[channel] == nil then
+        parts[channel] = {}
+        table.insert(channels, channel)
+      end
+      table.insert(parts[channel], '"' .. id .. '":' .. document)
+    end
+  end
+end
+for _, channel in ipairs(channels) do
+  redis.call('PUBLISH', channel, '{' .. table.concat(parts[channel], ',') .. '}')
+end
+return #channels
+"""
+
+
+def announce_finished(pipe: redis.client.Pipeline, outcomes: list[JobOutcome]) -> None:
+    """Queue on ``pipe`` the publication of each outcome to the web processes waiting
+    for it (after commit, never inside the transaction).
+
+    EVAL, not a registered Script: on a pipeline, redis-py asks SCRIPT EXISTS before
+    every execute (a round trip more); Redis caches the compiled body by its hash."""
+    keys: list[str] = []
+    args: list[str] = []
+    for outcome in outcomes:
+        job_id = str(outcome.job.id)
+        keys.append(waiters_key(job_id))
+        args += [job_id, outcome.job.reply_to or "", json.dumps(outcome.document())]
+    pipe.eval(_ANNOUNCE, len(keys), *keys, *args)
+
+
 # ---- what operators see of the partitions (GET /v1/admin/partitions) ----------
 
 # Broker db hash: partition queue -> when a drainer last committed a batch of it (epoch
@@ -598,12 +763,13 @@ def purge_idempotency_keys(session: Session, older_than: dt.timedelta) -> int:
 LAST_DRAIN_KEY = "partitions:last_drain"
 
 
-def note_drain(broker: redis.Redis | redis.client.Pipeline, queue: str) -> None:
-    """Record (in the broker's database, beside the queues) that a batch of ``queue`` was
-    just committed.  Call after the commit, never inside it; on a pipeline, it rides
-    with the batch's other notes.  Best effort: a lost note only leaves the last drain
-    older than it is."""
-    broker.hset(LAST_DRAIN_KEY, queue, str(int(time.time() * 1000)))
+def note_drain(broker: redis.Redis | redis.client.Pipeline, queues: Iterable[str]) -> None:
+    """Record (in the broker's database, beside the queues) that a batch of each of
+    ``queues`` was just committed.  Call after the commit, never inside it; on a
+    pipeline, it rides with the batch's other notes.  Best effort: a lost note only
+    leaves the last drain older than it is."""
+    now = str(int(time.time() * 1000))
+    broker.hset(LAST_DRAIN_KEY, mapping=dict.fromkeys(queues, now))
 
 
 def last_drains(flags: redis.Redis) -> dict[str, dt.datetime]:

@@ -27,7 +27,7 @@ COMMANDS: dict[str, list[str]] = {
         "--worker-class",
         "gevent",
         "--workers",
-        "2",
+        "%(web_processes)s",
         "--worker-connections",
         "10000",
         "--backlog",
@@ -102,13 +102,14 @@ class Stack:
         """Start process ``name``; returns its key in ``procs`` (``worker-<id>`` for a
         partition worker started with its own ``WORKER_ID``).  ``wrap`` prefixes the
         command (``ip netns exec NS``); ``env_overrides`` are this process's own."""
-        command = [part % {"tag": self.port} for part in COMMANDS[name]]
+        env = {**self.env(), **(env_overrides or {})}
+        values = {"tag": self.port, "web_processes": env.get("WEB_CONCURRENCY", "2")}
+        command = [part % values for part in COMMANDS[name]]
         if name == "web":
             command += ["--bind", f"{self.host}:{self.port}"]
         if name == "beat":
             command += [f"--schedule={self.log_dir / f'beat-{self.port}.db'}"]
         command = [*(wrap or []), *command]
-        env = {**self.env(), **(env_overrides or {})}
         key = name
         if worker_id is not None:
             env["WORKER_ID"] = str(worker_id)

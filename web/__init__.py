@@ -66,6 +66,11 @@ def create_app(
         # local setting: no round trip), so a connection lost to a database restart
         # is found, and the pool renewed, whichever path meets it first.
         app.extensions["autocommit_engine"] = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # The group commit of job rows writes one batch at a time per process, on a
+        # connection of its own, in autocommit (web.publish._write_batch).
+        app.extensions["job_writer_engine"] = make_engine(
+            settings, pool_size=1, pre_ping=False, isolation_level="AUTOCOMMIT"
+        )
         recheck = finished_documents(session_factory)
         app.extensions["primary_read_factory"] = make_session_factory(
             app.extensions["autocommit_engine"]
@@ -81,7 +86,9 @@ def create_app(
         cache_client, settings.top_sellers_cache_seconds
     )
     app.extensions["job_waiters"] = JobWaiters(
-        make_redis(settings.coordination_url, timeout=2.0, settings=settings), recheck
+        make_redis(settings.broker_url, timeout=2.0, settings=settings),
+        recheck,
+        registry=make_redis(settings.broker_url, timeout=1.0, settings=settings),
     )
     install_publishing(app, settings, publisher)
     _install_rate_limit(app, settings)

@@ -16,9 +16,11 @@ import time
 import uuid
 from typing import Any, Protocol
 
+import psycopg
 import pybreaker
 from celery import Celery
 from flask import Response, current_app, jsonify, request
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from shared.broker import TRANSPORT as BROKER_TRANSPORT
@@ -40,6 +42,7 @@ from shared.jobs import (
     partition_for_job,
     record,
     record_many,
+    record_many_on_cursor,
     task_for_queue,
     wake_key,
 )
@@ -222,14 +225,28 @@ def _write_batch(batch: list[NewJob]) -> list[JobRecord]:
     woken in one round trip.  Runs through the database breaker, in the request that
     writes the batch (``web.recording``)."""
     db_breaker: Breaker = current_app.extensions["db_breaker"]
+    writer: Engine | None = current_app.extensions.get("job_writer_engine")
 
     def insert() -> list[JobRecord]:
         connected = False
         try:
-            with autocommit() as connection:
-                connected = True
-                return record_many(connection, batch, deadline=write_deadline(settings()))
-        except (DBAPIError, WrittenTooLate) as exc:
+            deadline = write_deadline(settings())
+            if writer is None:  # tests inject their own session factory
+                with autocommit() as connection:
+                    connected = True
+                    return record_many(connection, batch, deadline=deadline)
+            # Straight on the driver's cursor (a pool of one: the group commit has one
+            # batch in flight at a time); the pool still discards a dropped connection.
+            raw = writer.raw_connection()
+            connected = True
+            try:
+                return record_many_on_cursor(raw.cursor(), batch, deadline=deadline)
+            except psycopg.Error:
+                raw.invalidate()  # it may be broken: the next batch gets another
+                raise
+            finally:
+                raw.close()  # back to its pool
+        except (DBAPIError, psycopg.Error, WrittenTooLate) as exc:
             raise _WriteFailed(connected) from exc
 
     jobs: list[JobRecord] = db_breaker.call(insert)
@@ -262,7 +279,11 @@ def _unavailable_unless_committed(
 
 
 def _record_and_commit(
-    kind: JobKind, payload: dict[str, Any], scope: str | None, job_id: uuid.UUID
+    kind: JobKind,
+    payload: dict[str, Any],
+    scope: str | None,
+    job_id: uuid.UUID,
+    reply_to: str | None,
 ) -> JobRecord:
     """Write the job row, committed, and wake its partition; 503 / 422 if not written.
 
@@ -273,7 +294,7 @@ def _record_and_commit(
         recorder: GroupCommit[NewJob, JobRecord] = current_app.extensions["job_recorder"]
         partition = partition_for_job(kind, payload, settings().partitions)
         try:
-            return recorder.submit(NewJob(job_id, kind, partition, payload), _write_batch)
+            return recorder.submit(NewJob(job_id, kind, partition, payload, reply_to), _write_batch)
         except _WriteFailed as failed:
             cause = failed.__cause__ or failed
             return _unavailable_unless_committed(job_id, failed.connected, cause)
@@ -295,6 +316,7 @@ def _record_and_commit(
                 idempotency_scope=scope,
                 request_hash=fingerprint(request.method, request.path, payload),
                 job_id=job_id,
+                reply_to=reply_to,
                 deadline=write_deadline(settings()),
             ).job
 
@@ -327,8 +349,10 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
     started = time.monotonic()
     _ensure_broker_reachable(broker_breaker, publisher)
     job_id = uuid.uuid4()
+    # The row names this process's channel: the worker that finishes it tells only us.
+    reply_to = waiters.channel if wait else None
     with waiters.waiting(str(job_id)) if wait else contextlib.nullcontext() as waiter:
-        job = _record_and_commit(kind, payload, scope, job_id)
+        job = _record_and_commit(kind, payload, scope, job_id, reply_to)
         if job.id == job_id:  # committed now, not an Idempotency-Key replay
             count_accepted(kind.value)
         if wait is None:

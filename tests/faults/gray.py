@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from shared.config import REDIS_DB_BROKER, redis_url_for
-from shared.jobs import FINISHED_CHANNEL
-from tests.faults.harness import Rig
+from shared.jobs import FINISHED_CHANNEL_PREFIX
+from tests.faults.harness import Load, Rig
 
 # ---- processes -----------------------------------------------------------------------
 
@@ -132,15 +132,17 @@ def find_drainer(rig: Rig, keys: list[str], timeout: float) -> Drainer | None:
 
 
 class Notifications:
-    """Every ``jobs:finished`` document published on the rig's Redis, per job id, collected
-    by a thread: a job announced twice, or announced with an outcome the database does not
-    hold, is work reported that did not commit."""
+    """Every job outcome announced on the rig's Redis (to any web process's
+    ``jobs:finished:<token>`` channel: jobs someone waits for), per job id, collected by a
+    thread: a job announced twice, or with an outcome its row does not hold, is work
+    reported that did not commit."""
 
     def __init__(self, rig: Rig) -> None:
         self._client = Redis.from_url(
             redis_url_for(rig.redis.url, REDIS_DB_BROKER), socket_timeout=5
         )
-        self.documents: dict[str, list[dict[str, Any]]] = {}
+        # (channel, job id) -> the documents announced: one each, a process is told once.
+        self.documents: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -152,13 +154,14 @@ class Notifications:
         while not self._stop.is_set():
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
-                pubsub.subscribe(FINISHED_CHANNEL)
+                pubsub.psubscribe(FINISHED_CHANNEL_PREFIX + "*")
                 self._ready.set()
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=0.5)
-                    if message is not None and message["type"] == "message":
+                    if message is not None and message["type"] == "pmessage":
+                        channel = message["channel"].decode()
                         for job_id, doc in json.loads(message["data"]).items():
-                            self.documents.setdefault(job_id, []).append(doc)
+                            self.documents.setdefault((channel, job_id), []).append(doc)
             except Exception as exc:  # Redis frozen by the test: notifications may be missed
                 self.errors.append(repr(exc))
                 time.sleep(0.5)
@@ -180,13 +183,35 @@ class Notifications:
             )
         }
         found = []
-        for job_id, docs in self.documents.items():
+        for (channel, job_id), docs in self.documents.items():
             if len(docs) > 1:
-                found.append(f"job {job_id} announced {len(docs)} times")
+                found.append(f"job {job_id} announced {len(docs)} times on {channel}")
             row = rows.get(job_id)
             if row is None or (docs[0]["status"], docs[0]["result"]) != row:
                 found.append(f"job {job_id} announced {docs[0]['status']}, row says {row}")
         return found
+
+
+class Waiting:
+    """Job POSTs with ``Prefer: wait=2`` sent one after another beside a stream (a thread),
+    so that outcomes are announced to web (only jobs someone waits for are)."""
+
+    def __init__(self, load: Load) -> None:
+        self._load = load
+        self._stop = threading.Event()
+        self.sent = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._load.send(self._load.requests(1)[0], headers={"Prefer": "wait=2"})
+            self.sent += 1
+            self._stop.wait(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(40)
 
 
 # ---- network namespaces ------------------------------------------------------------------

@@ -30,7 +30,7 @@ from shared.config import Settings
 from shared.db import make_engine
 from shared.domain.points import get_balance
 from shared.jobs import (
-    FINISHED_CHANNEL,
+    FINISHED_CHANNEL_PREFIX,
     JobKind,
     JobStatus,
     NewJob,
@@ -55,13 +55,17 @@ def stalling_runtime(settings: Settings) -> Iterator[Runtime]:
     rt.session_factory.kw["bind"].dispose()
 
 
+# The web process the test's jobs name as waiting for them (``reply_to``).
+CHANNEL = f"{FINISHED_CHANNEL_PREFIX}gray-{uuid.uuid4().hex}"
+
+
 class Finished:
-    """Every ``jobs:finished`` document published while the test runs."""
+    """Every document published on CHANNEL while the test runs."""
 
     def __init__(self, url: str) -> None:
         self._client = redis.Redis.from_url(url, socket_timeout=2)
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        self._pubsub.subscribe(FINISHED_CHANNEL)
+        self._pubsub.subscribe(CHANNEL)
         self._pubsub.get_message(timeout=1)  # the subscription's confirmation
         self.seen: list[dict[str, Any]] = []
 
@@ -80,7 +84,7 @@ class Finished:
 
 @pytest.fixture
 def finished_messages(settings: Settings) -> Iterator[Finished]:
-    finished = Finished(settings.coordination_url)
+    finished = Finished(settings.broker_url)
     yield finished
     finished.close()
 
@@ -92,6 +96,7 @@ def _charge(rt: Runtime, user: int, amount: int) -> tuple[uuid.UUID, str]:
             kind=JobKind.POINTS_CHARGE,
             payload={"userId": user, "amount": amount},
             partitions=rt.settings.partitions,
+            reply_to=CHANNEL,
         ).job
         return job.id, job.partition
 
@@ -120,7 +125,7 @@ def test_a_drain_whose_transaction_the_server_ended_announces_nothing(
     monkeypatch.setattr(workers.base, "mark_products_pending", stall_then_mark)
     try:
         with pytest.raises(DBAPIError) as caught:
-            apply_next_batch(rt, queue)
+            apply_next_batch(rt, [queue])
         # The session was ended by the server: a disconnect, retried, never an attempt.
         assert is_transient(caught.value), caught.value
         assert "idle-in-transaction" in str(caught.value)
@@ -133,7 +138,7 @@ def test_a_drain_whose_transaction_the_server_ended_announces_nothing(
 
         # Resumed (no more stall): the job is applied once, announced once.
         monkeypatch.setattr(workers.base, "mark_products_pending", real_mark)
-        assert apply_next_batch(rt, queue) == 1
+        assert apply_next_batch(rt, [queue]) == 1
         with rt.session_factory() as session:
             assert get_balance(session, user).amount == 7
         published = finished_messages.collect(1.0)
@@ -171,7 +176,7 @@ def test_a_commit_that_raises_publishes_nothing(
     monkeypatch.setattr(workers.base, "mark_products_pending", terminate_own_backend)
     try:
         with pytest.raises(DBAPIError) as caught:
-            apply_next_batch(rt, queue)
+            apply_next_batch(rt, [queue])
         assert is_transient(caught.value)
         assert announced == []
         assert finished_messages.collect(0.5) == []
