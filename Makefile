@@ -28,7 +28,7 @@ run: $(STAMP) ## the whole system: embedded PostgreSQL/Redis (unless URLs set), 
 	PORT=$(PORT) $(PY) -m shared.embedded up --persist --banner --replicas $(REPLICAS) -- \
 		$(PY) -m shared.supervisor -f Procfile --scale worker=$(WORKERS)
 
-test: $(STAMP) browser ## lint, schema check and the test suite (T=path to narrow, PYTEST_ARGS=...)
+test: $(STAMP) browser netns-tools ## lint, schema check and the test suite (T=path to narrow, PYTEST_ARGS=...)
 	$(MAKE) --no-print-directory lint
 	$(PY) -m shared.embedded up --run-dir .run/test -- $(MAKE) --no-print-directory check pytest
 
@@ -36,6 +36,13 @@ test: $(STAMP) browser ## lint, schema check and the test suite (T=path to narro
 browser: ## install headless Chromium (Debian's package) if missing
 	@command -v chromium >/dev/null || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
+
+# The network-partition fault tests (tests/faults/test_network_partition.py) put processes
+# in network namespaces (ip) and blackhole their links (nft): Debian's packages.
+netns-tools: ## install ip and nft (Debian's iproute2, nftables) if missing, where we are root
+	@command -v ip >/dev/null && command -v nft >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends iproute2 nftables)
 
 pytest: $(STAMP)
 	$(BIN)/pytest $(T) $(PYTEST_ARGS)
@@ -73,4 +80,4 @@ deploy-check: $(STAMP) ## rehearse docker-compose.yml on podman here: stand-in i
 clean: ## remove .venv and .run
 	rm -rf $(VENV) .run
 
-.PHONY: help install run test browser pytest lint fmt migrate revision check bench deploy-check clean
+.PHONY: help install run test browser netns-tools pytest lint fmt migrate revision check bench deploy-check clean

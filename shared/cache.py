@@ -11,15 +11,18 @@ commit, so no read after a job SUCCEEDED is served the old stock.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from typing import Any, cast
 
 import redis
 
+from shared.config import Settings
 from shared.metrics import count_cache_lookup
 
 log = logging.getLogger(__name__)
@@ -258,10 +261,49 @@ class ProductCache:
         self._write({}, listings=True)
 
 
-def make_redis(url: str, *, timeout: float | None = 1.0) -> redis.Redis:
+def make_redis(
+    url: str, *, timeout: float | None = 1.0, settings: Settings | None = None
+) -> redis.Redis:
+    """A client whose every wait is bounded: connect and each answer by ``timeout``, and
+    a peer behind a blackhole given up by TCP keepalives and ``TCP_USER_TIMEOUT``
+    (``settings``' values, else their defaults)."""
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
         health_check_interval=30,
+        **redis_keepalive_options(settings),
     )
+
+
+def redis_keepalive_options(settings: Settings | None = None) -> dict[str, Any]:
+    """redis-py's (and kombu's) socket options for TCP keepalives and TCP_USER_TIMEOUT
+    (``TCP_KEEPALIVE_*``, ``TCP_USER_TIMEOUT_MS``; the defaults when ``settings`` is None)."""
+    idle, interval, count, user_timeout = (
+        (
+            settings.tcp_keepalive_idle_seconds,
+            settings.tcp_keepalive_interval_seconds,
+            settings.tcp_keepalive_count,
+            settings.tcp_user_timeout_ms,
+        )
+        if settings is not None
+        else _KEEPALIVE_DEFAULTS
+    )
+    return {
+        "socket_keepalive": True,
+        "socket_keepalive_options": {
+            socket.TCP_KEEPIDLE: idle,
+            socket.TCP_KEEPINTVL: interval,
+            socket.TCP_KEEPCNT: count,
+            socket.TCP_USER_TIMEOUT: user_timeout,
+        },
+    }
+
+
+_FIELDS = {f.name: f.default for f in dataclasses.fields(Settings)}
+_KEEPALIVE_DEFAULTS = (
+    int(cast(int, _FIELDS["tcp_keepalive_idle_seconds"])),
+    int(cast(int, _FIELDS["tcp_keepalive_interval_seconds"])),
+    int(cast(int, _FIELDS["tcp_keepalive_count"])),
+    int(cast(int, _FIELDS["tcp_user_timeout_ms"])),
+)

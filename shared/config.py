@@ -112,6 +112,22 @@ class Settings:
     db_connect_timeout_seconds: int = 2
     db_statement_timeout_ms: int = 15_000
     db_lock_timeout_ms: int = 5_000
+    # Gray failures (README, "Operating it" -> "Frozen and cut-off processes").  The
+    # server ends a session left idle inside a transaction this long (a frozen or
+    # cut-off drainer), which releases its partition's lock and rows.
+    db_idle_in_transaction_timeout_ms: int = 5_000
+    # The longest a web request waits for one answer of PostgreSQL (a frozen server
+    # never sends one, and its kernel still acknowledges: no TCP timer fires); the
+    # connection is then dropped and the request answers 503.  Workers wait up to
+    # DB_STATEMENT_TIMEOUT_MS plus this, so the server's own timeout fires first.
+    db_client_timeout_ms: int = 5_000
+    # TCP keepalives and TCP_USER_TIMEOUT on every PostgreSQL and Redis connection:
+    # a peer behind a blackhole is given up after about idle + interval x count
+    # seconds when idle, after TCP_USER_TIMEOUT_MS when data waits unacknowledged.
+    tcp_keepalive_idle_seconds: int = 5
+    tcp_keepalive_interval_seconds: int = 2
+    tcp_keepalive_count: int = 3
+    tcp_user_timeout_ms: int = 10_000
 
     # Fail-fast circuit breakers for the database and the broker.
     breaker_fail_max: int = 3
@@ -175,6 +191,7 @@ class Settings:
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError("METRICS_PORT must be a port number (0: off)")
         self._check_edge()
+        self._check_timeouts()
         if self.batch_size < 1:
             raise ConfigError("BATCH_SIZE must be at least 1")
         if self.order_payment_timeout_seconds < 1:
@@ -232,6 +249,18 @@ class Settings:
             raise ConfigError(f"ACCESS_LOG must be 'on' or 'off', not {self.access_log!r}")
         if not 0 <= self.trusted_proxy_hops <= 10:
             raise ConfigError("TRUSTED_PROXY_HOPS must be in 0..10")
+
+    def _check_timeouts(self) -> None:
+        if self.db_idle_in_transaction_timeout_ms < 0:
+            raise ConfigError("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS must not be negative (0: off)")
+        if self.db_client_timeout_ms < 100:
+            raise ConfigError("DB_CLIENT_TIMEOUT_MS must be at least 100")
+        if min(self.tcp_keepalive_idle_seconds, self.tcp_keepalive_interval_seconds) < 1:
+            raise ConfigError("TCP_KEEPALIVE_IDLE_SECONDS and _INTERVAL_SECONDS must be >= 1")
+        if self.tcp_keepalive_count < 1:
+            raise ConfigError("TCP_KEEPALIVE_COUNT must be at least 1")
+        if self.tcp_user_timeout_ms < 0:
+            raise ConfigError("TCP_USER_TIMEOUT_MS must not be negative (0: the OS default)")
 
     def _check_replicas(self) -> None:
         if self.replica_max_lag_ms < 0:

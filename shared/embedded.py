@@ -79,20 +79,44 @@ def _wait_for(
     raise RuntimeError(f"{check} did not become ready in {deadline_seconds:.0f}s: {last}")
 
 
+# Server-side TCP bounds of the embedded servers (the defaults of TCP_KEEPALIVE_* and
+# TCP_USER_TIMEOUT_MS, README "Configuration"): an operator sets the same on their own.
+SERVER_TCP = {
+    "tcp_keepalives_idle": 5,
+    "tcp_keepalives_interval": 2,
+    "tcp_keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+REDIS_TCP_KEEPALIVE_SECONDS = 5
+
+
 class EmbeddedPostgres:
     """A private PostgreSQL server: ``start()``, ``stop()``, ``kill()`` (SIGKILL), ``url``."""
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, *, log_name: str = "postgres.log"
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        log_name: str = "postgres.log",
+        extra_address: str | None = None,
+        extra_clients: str | None = None,
     ) -> None:
+        """``extra_address``: listen there too (besides 127.0.0.1), trusting clients of
+        the network ``extra_clients`` (CIDR): a fault test's private veth pair."""
         self.data_dir = data_dir.resolve()
         self.port = port or free_port()
         self.log_path = self.data_dir.parent / log_name
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_address = extra_address
+        self.extra_clients = extra_clients
 
     @property
     def url(self) -> str:
-        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{PG_DATABASE}"
+        return self.url_via("127.0.0.1")
+
+    def url_via(self, host: str) -> str:
+        return f"postgresql://{PG_USER}@{host}:{self.port}/{PG_DATABASE}"
 
     def _demote(self) -> dict[str, int]:
         if os.geteuid() != 0:
@@ -141,6 +165,14 @@ class EmbeddedPostgres:
                 group=demote.get("group"),
             )
         self._remove_stale_pid_file()
+        listen = "127.0.0.1"
+        if self.extra_address:
+            listen += f",{self.extra_address}"
+            hba = self.data_dir / "pg_hba.conf"
+            line = f"host all all {self.extra_clients or self.extra_address + '/32'} trust\n"
+            if line not in hba.read_text():
+                with hba.open("a") as file:
+                    file.write(line)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
@@ -150,9 +182,13 @@ class EmbeddedPostgres:
                 "-p",
                 str(self.port),
                 "-c",
-                "listen_addresses=127.0.0.1",
+                f"listen_addresses={listen}",
                 "-c",
                 "unix_socket_directories=",
+                # A client behind a blackhole is given up in seconds, not the kernel's
+                # 2 h (idle) or ~15 min (unacknowledged data); the shop's sessions ask
+                # for the same values themselves (shared.db), other clients get these.
+                *itertools.chain.from_iterable(("-c", f"{k}={v}") for k, v in SERVER_TCP.items()),
                 "-c",
                 "max_connections=400",
                 "-c",
@@ -302,15 +338,27 @@ def is_postmaster_of(pid: int, data_dir: Path) -> bool:
 class EmbeddedRedis:
     """A private redis-server: ``start()``, ``stop()``, ``kill()``, ``url``."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, persist: bool = False) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        persist: bool = False,
+        extra_address: str | None = None,
+    ) -> None:
+        """``extra_address``: listen there too, besides 127.0.0.1 (a fault test's veth)."""
         self.data_dir = data_dir.resolve()
         self.port = port or free_port()
         self.persist = persist
+        self.extra_address = extra_address
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_via("127.0.0.1")
+
+    def url_via(self, host: str) -> str:
+        return f"redis://{host}:{self.port}/0"
 
     def start(self) -> None:
         import redis
@@ -329,6 +377,11 @@ class EmbeddedRedis:
                 str(self.port),
                 "--bind",
                 "127.0.0.1",
+                *([self.extra_address] if self.extra_address else []),
+                # Keepalives on clients' connections: one behind a blackhole is dropped
+                # in seconds (Redis's default probes after 300 s).
+                "--tcp-keepalive",
+                str(REDIS_TCP_KEEPALIVE_SECONDS),
                 "--dir",
                 str(self.data_dir),
                 "--save",

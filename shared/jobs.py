@@ -35,7 +35,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import Session
 
 from shared.domain.errors import ErrorCode
@@ -145,10 +145,23 @@ def fingerprint(method: str, path: str, payload: dict[str, Any]) -> str:
 
 _jobs = cast(Table, Job.__table__)
 # Only what the server makes: the rest of a new row is what the caller gave.
-_INSERT_ONCE = (
-    insert(_jobs)
-    .on_conflict_do_nothing(index_elements=["idempotency_key"])
-    .returning(_jobs.c.seq, _jobs.c.created_at)
+# Each job INSERT carries its writer's deadline: a server that receives the statement
+# later (it was frozen, or cut off, with the statement in its socket buffer or in
+# retransmission) writes nothing, so a request that gave up waiting and answered 503
+# never gets a row after all (API.md: a 503 only when no job row was committed).
+# statement_timestamp() is when the server received the statement: one value for all
+# of its rows.
+NO_DEADLINE = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
+_INSERT_ONCE = text(
+    """
+    INSERT INTO jobs (id, kind, partition, payload, idempotency_key, request_hash, reply_to,
+                      user_id)
+    SELECT CAST(:id AS uuid), :kind, :partition, CAST(:payload AS jsonb), :idempotency_key,
+           :request_hash, :reply_to, CAST(:user_id AS bigint)
+    WHERE statement_timestamp() < CAST(:deadline AS timestamptz)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING seq, created_at
+    """
 )
 _SELECT = select(*_jobs.c)
 
@@ -221,6 +234,10 @@ class IdempotencyKeyReused(Exception):
     """The key was used before with other input."""
 
 
+class WrittenTooLate(Exception):
+    """The server received the job INSERT after its deadline and wrote nothing."""
+
+
 @dataclass(frozen=True)
 class NewJob:
     """A job row about to be written (without an Idempotency-Key)."""
@@ -244,6 +261,7 @@ def record(
     job_id: uuid.UUID | None = None,
     reply_to: str | None = None,
     user_id: int | None = None,
+    deadline: dt.datetime = NO_DEADLINE,
 ) -> Recorded:
     """Add a PENDING job row (the caller commits, or runs it on an autocommit connection).
 
@@ -252,7 +270,8 @@ def record(
     NOTHING`` on the unique key, then the existing row is returned if its fingerprint
     matches, else ``IdempotencyKeyReused`` is raised.  ``job_id`` lets the caller know
     the id before the row exists (to listen for its outcome first), and ``reply_to``
-    the channel its outcome is published to.
+    the channel its outcome is published to.  A server that receives the statement
+    after ``deadline`` writes nothing (``WrittenTooLate``).
     """
     new = NewJob(
         job_id or uuid.uuid4(),
@@ -263,7 +282,7 @@ def record(
         user_id,
     )
     if idempotency_scope is None:
-        return Recorded(record_many(executor, [new])[0], created=True)
+        return Recorded(record_many(executor, [new], deadline=deadline)[0], created=True)
     values: dict[str, Any] = {
         "id": new.id,
         "kind": kind.value,
@@ -274,12 +293,17 @@ def record(
         "reply_to": reply_to,
         "user_id": user_id,
     }
-    inserted = executor.execute(_INSERT_ONCE, values).one_or_none()
+    inserted = executor.execute(
+        _INSERT_ONCE, values | {"payload": json.dumps(payload), "deadline": deadline}
+    ).one_or_none()
     if inserted is not None:
         return Recorded(_new_record(values, *inserted), created=True)
-    existing = _record_of(
-        executor.execute(_SELECT.where(_jobs.c.idempotency_key == idempotency_scope)).one()
-    )
+    found = executor.execute(
+        _SELECT.where(_jobs.c.idempotency_key == idempotency_scope)
+    ).one_or_none()
+    if found is None:  # no conflict: the statement came after its deadline
+        raise WrittenTooLate(str(new.id))
+    existing = _record_of(found)
     if existing.request_hash != request_hash:
         raise IdempotencyKeyReused(idempotency_scope)
     return Recorded(existing, created=False)
@@ -297,9 +321,10 @@ _INSERT_MANY_SQL = """
                 CAST({payloads} AS text[]), CAST({reply_to} AS text[]),
                 CAST({user_ids} AS bigint[]))
          AS new(id, kind, partition, payload, reply_to, user_id)
+    WHERE statement_timestamp() < CAST({deadline} AS timestamptz)
     RETURNING id, seq, created_at
 """
-_COLUMNS = ("ids", "kinds", "partitions", "payloads", "reply_to", "user_ids")
+_COLUMNS = ("ids", "kinds", "partitions", "payloads", "reply_to", "user_ids", "deadline")
 _INSERT_MANY = text(_INSERT_MANY_SQL.format(**{c: f":{c}" for c in _COLUMNS}))
 # The same for a DB-API cursor of psycopg (its ``pyformat`` parameters).
 _INSERT_MANY_DBAPI = _INSERT_MANY_SQL.format(**{c: f"%({c})s" for c in _COLUMNS})
@@ -313,8 +338,9 @@ class Cursor(Protocol):
     def fetchall(self) -> Sequence[Any]: ...
 
 
-def _insert_parameters(jobs: list[NewJob]) -> dict[str, Any]:
+def _insert_parameters(jobs: list[NewJob], deadline: dt.datetime) -> dict[str, Any]:
     return {
+        "deadline": deadline,
         "ids": [j.id for j in jobs],
         "kinds": [j.kind.value for j in jobs],
         "partitions": [j.partition for j in jobs],
@@ -326,6 +352,8 @@ def _insert_parameters(jobs: list[NewJob]) -> dict[str, Any]:
 
 def _recorded(jobs: list[NewJob], rows: Iterable[tuple[Any, ...]]) -> list[JobRecord]:
     made = {job_id: (seq, created_at) for job_id, seq, created_at in rows}
+    if len(made) < len(jobs):  # none written: received after the deadline
+        raise WrittenTooLate(str(jobs[0].id))
     return [
         _new_record(
             {
@@ -342,18 +370,23 @@ def _recorded(jobs: list[NewJob], rows: Iterable[tuple[Any, ...]]) -> list[JobRe
     ]
 
 
-def record_many(executor: Executor, jobs: list[NewJob]) -> list[JobRecord]:
-    """Add PENDING job rows, one statement for all (the caller commits, or autocommit)."""
-    rows = executor.execute(_INSERT_MANY, _insert_parameters(jobs))
+def record_many(
+    executor: Executor, jobs: list[NewJob], *, deadline: dt.datetime = NO_DEADLINE
+) -> list[JobRecord]:
+    """Add PENDING job rows, one statement for all (the caller commits, or autocommit);
+    none if the server receives it after ``deadline`` (``WrittenTooLate``)."""
+    rows = executor.execute(_INSERT_MANY, _insert_parameters(jobs, deadline))
     return _recorded(jobs, (tuple(row) for row in rows))
 
 
-def record_many_on_cursor(cursor: Cursor, jobs: list[NewJob]) -> list[JobRecord]:
+def record_many_on_cursor(
+    cursor: Cursor, jobs: list[NewJob], *, deadline: dt.datetime = NO_DEADLINE
+) -> list[JobRecord]:
     """``record_many`` on a psycopg cursor of an autocommit connection: the statement
     is its own transaction.  The group commit of job rows runs it for every job POST:
     without SQLAlchemy's connection and execution context around it, the INSERT costs
     web about half the CPU (raises the driver's own errors, not SQLAlchemy's)."""
-    cursor.execute(_INSERT_MANY_DBAPI, _insert_parameters(jobs))
+    cursor.execute(_INSERT_MANY_DBAPI, _insert_parameters(jobs, deadline))
     return _recorded(jobs, cursor.fetchall())
 
 

@@ -63,10 +63,12 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Where web binds and is reached (a fault test may run it in a network namespace).
+    host: str = "127.0.0.1"
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def metrics_dir(self) -> Path:
@@ -89,16 +91,25 @@ class Stack:
         env.update(self.extra_env)
         return env
 
-    def start(self, name: str, *, worker_id: int | None = None) -> str:
+    def start(
+        self,
+        name: str,
+        *,
+        worker_id: int | None = None,
+        wrap: list[str] | None = None,
+        env_overrides: dict[str, str] | None = None,
+    ) -> str:
         """Start process ``name``; returns its key in ``procs`` (``worker-<id>`` for a
-        partition worker started with its own ``WORKER_ID``)."""
-        env = self.env()
+        partition worker started with its own ``WORKER_ID``).  ``wrap`` prefixes the
+        command (``ip netns exec NS``); ``env_overrides`` are this process's own."""
+        env = {**self.env(), **(env_overrides or {})}
         values = {"tag": self.port, "web_processes": env.get("WEB_CONCURRENCY", "2")}
         command = [part % values for part in COMMANDS[name]]
         if name == "web":
-            command += ["--bind", f"127.0.0.1:{self.port}"]
+            command += ["--bind", f"{self.host}:{self.port}"]
         if name == "beat":
             command += [f"--schedule={self.log_dir / f'beat-{self.port}.db'}"]
+        command = [*(wrap or []), *command]
         key = name
         if worker_id is not None:
             env["WORKER_ID"] = str(worker_id)

@@ -10,7 +10,7 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.cache import ProductCache, make_redis
+from shared.cache import ProductCache, make_redis, redis_keepalive_options
 from shared.config import Settings, to_sqlalchemy_url
 from shared.db import make_engine, make_probe_engine, make_session_factory
 from shared.jobs import document_of, get_finished_jobs
@@ -80,16 +80,16 @@ def create_app(
             app.extensions["replicas"] = start_replicas(settings)
     app.extensions["session_factory"] = session_factory
 
-    cache_client = make_redis(settings.cache_url, timeout=0.25)
+    cache_client = make_redis(settings.cache_url, timeout=0.25, settings=settings)
     app.extensions["cache_redis"] = cache_client
     app.extensions["product_cache"] = ProductCache(cache_client, settings.cache_ttl_seconds)
     app.extensions["top_sellers_cache"] = TopSellersCache(
         cache_client, settings.top_sellers_cache_seconds
     )
     app.extensions["job_waiters"] = JobWaiters(
-        make_redis(settings.broker_url, timeout=None),
+        make_redis(settings.broker_url, timeout=2.0, settings=settings),
         recheck,
-        registry=make_redis(settings.broker_url, timeout=1.0),
+        registry=make_redis(settings.broker_url, timeout=1.0, settings=settings),
     )
     install_publishing(app, settings, publisher)
     _install_rate_limit(app, settings)
@@ -147,12 +147,19 @@ def _install_rate_limit(app: Flask, settings: Settings) -> None:
         key_func=get_remote_address,
         app=app,
         storage_uri=settings.limiter_url,
-        storage_options={"socket_connect_timeout": 1, "socket_timeout": 1},
+        storage_options={
+            "socket_connect_timeout": 1,
+            "socket_timeout": 1,
+            **redis_keepalive_options(settings),
+        },
         strategy="fixed-window",
         default_limits=[],
         headers_enabled=False,
         # The limiter is a guard, not a dependency: with Redis down, requests pass.
         swallow_errors=True,
+        # ...and after one failed round trip each process counts in memory, re-trying
+        # Redis with back-off, so a frozen Redis does not cost every request a timeout.
+        in_memory_fallback_enabled=True,
     )
     # One allowance per client address across every customer job POST (API.md, Access),
     # per user with AUTH_MODE=jwt (the access check has set the request's rate key).

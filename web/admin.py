@@ -26,7 +26,7 @@ def _broker() -> redis.Redis:
     """The broker's database, where drainers note their last drain beside the queues."""
     client: redis.Redis | None = current_app.extensions.get("broker_redis")
     if client is None:
-        client = make_redis(settings().broker_url, timeout=1.0)
+        client = make_redis(settings().broker_url, timeout=1.0, settings=settings())
         current_app.extensions["broker_redis"] = client
     return client
 

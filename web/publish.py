@@ -25,8 +25,9 @@ from sqlalchemy.exc import DBAPIError
 
 from shared.broker import TRANSPORT as BROKER_TRANSPORT
 from shared.broker import WakeUpTemplates
-from shared.cache import make_redis
+from shared.cache import make_redis, redis_keepalive_options
 from shared.config import Settings
+from shared.db import write_deadline
 from shared.domain.errors import ErrorCode
 from shared.jobs import (
     WAKE_FLAG_SECONDS,
@@ -35,6 +36,7 @@ from shared.jobs import (
     JobRecord,
     JobStatus,
     NewJob,
+    WrittenTooLate,
     fingerprint,
     get_job,
     partition_for_job,
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 # Look-ups of a job row whose COMMIT lost its answer, before answering 503.
 COMMIT_CHECK_TRIES = 3
+COMMIT_CHECK_SECONDS = 1.0
 # API.md caps ``Prefer: wait`` at 30 seconds (and at MAX_WAIT_SECONDS).
 MAX_PREFER_WAIT_SECONDS = 30
 
@@ -91,9 +94,10 @@ class CeleryPublisher:
                 "visibility_timeout": settings.visibility_timeout_seconds,
                 "socket_timeout": 1,
                 "socket_connect_timeout": 1,
+                **redis_keepalive_options(settings),
             },
         )
-        self._broker = make_redis(settings.broker_url, timeout=1.0)
+        self._broker = make_redis(settings.broker_url, timeout=1.0, settings=settings)
         self._wake_ups = WakeUpTemplates(self._broker, self._send_unsafe_in_transaction)
 
     def _send_unsafe_in_transaction(self, queue: str) -> None:
@@ -196,11 +200,16 @@ def _committed_anyway(job_id: uuid.UUID) -> JobRecord | None:
     failed COMMIT, look the row up on a fresh connection (a few quick tries).  ``None``:
     not committed, or the database stays unreachable (then it cannot be known).
     """
+    started = time.monotonic()
     for attempt in range(COMMIT_CHECK_TRIES):
         try:
             with autocommit() as connection:
                 return get_job(connection, job_id)
         except DBAPIError:
+            # A server that does not answer at all (frozen, cut off) costs a connect
+            # timeout a try: the request is not held for more than one.
+            if time.monotonic() - started >= COMMIT_CHECK_SECONDS:
+                break
             time.sleep(0.1 * (attempt + 1))
     return None
 
@@ -223,22 +232,23 @@ def _write_batch(batch: list[NewJob]) -> list[JobRecord]:
     def insert() -> list[JobRecord]:
         connected = False
         try:
+            deadline = write_deadline(settings())
             if writer is None:  # tests inject their own session factory
                 with autocommit() as connection:
                     connected = True
-                    return record_many(connection, batch)
+                    return record_many(connection, batch, deadline=deadline)
             # Straight on the driver's cursor (a pool of one: the group commit has one
             # batch in flight at a time); the pool still discards a dropped connection.
             raw = writer.raw_connection()
             connected = True
             try:
-                return record_many_on_cursor(raw.cursor(), batch)
+                return record_many_on_cursor(raw.cursor(), batch, deadline=deadline)
             except psycopg.Error:
                 raw.invalidate()  # it may be broken: the next batch gets another
                 raise
             finally:
                 raw.close()  # back to its pool
-        except (DBAPIError, psycopg.Error) as exc:
+        except (DBAPIError, psycopg.Error, WrittenTooLate) as exc:
             raise _WriteFailed(connected) from exc
 
     jobs: list[JobRecord] = db_breaker.call(insert)
@@ -318,6 +328,7 @@ def _record_and_commit(
                 job_id=job_id,
                 reply_to=reply_to,
                 user_id=payload.get("userId"),
+                deadline=write_deadline(settings()),
             ).job
 
     try:
@@ -326,7 +337,7 @@ def _record_and_commit(
         raise ApiError(
             422, ErrorCode.IDEMPOTENCY_KEY_REUSED, "this Idempotency-Key was used with other input"
         ) from exc
-    except (pybreaker.CircuitBreakerError, DBAPIError) as exc:
+    except (pybreaker.CircuitBreakerError, DBAPIError, WrittenTooLate) as exc:
         return _unavailable_unless_committed(job_id, connected, exc)
     if job.pending:
         _wake({job.partition})
@@ -346,6 +357,7 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
 
     scope = _idempotency_scope()
     wait = preferred_wait()
+    started = time.monotonic()
     _ensure_broker_reachable(broker_breaker, publisher)
     job_id = uuid.uuid4()
     # The row names this process's channel: the worker that finishes it tells only us.
@@ -360,7 +372,10 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
             document = await_document(job.id, wait)
         else:
             assert waiter is not None
-            document = waiter.wait(wait) or current_document(job.id)
+            # n seconds from the request, not from the commit: a slow wake-up (the
+            # broker away, its timeout) is not added on top.
+            left = wait - (time.monotonic() - started)
+            document = waiter.wait(left) or current_document(job.id)
     if document is None or document["status"] == JobStatus.PENDING.value:
         return job_accepted(job)
     return job_finished(document, wait)

@@ -39,7 +39,12 @@ from shared.jobs import FINISHED_CHANNEL_PREFIX, waiters_key
 log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 1.0
-SUBSCRIBE_TIMEOUT_SECONDS = 2.0
+SUBSCRIBE_TIMEOUT_SECONDS = 0.5
+# The listener polls this often, PINGs Redis after this long without a message and
+# reconnects when the PING gets no answer in time (the client's reads are bounded too).
+LISTEN_POLL_SECONDS = 1.0
+QUIET_SECONDS = 3.0
+PING_TIMEOUT_SECONDS = 2.0
 # A long poll's registration outlives its wait by this much (it is not removed: a
 # stale one costs a message the process ignores).
 REGISTRATION_SLACK_SECONDS = 5
@@ -87,6 +92,7 @@ class JobWaiters:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._connecting_since = time.monotonic()  # the listener's current (re)connect
 
     @contextmanager
     def waiting(self, job_id: str, *, announce_for: float | None = None) -> Iterator[Waiter]:
@@ -127,6 +133,7 @@ class JobWaiters:
         with self._lock:
             if not self._threads or not all(t.is_alive() for t in self._threads):
                 # Started lazily: after gunicorn forks, in the process that waits.
+                self._connecting_since = time.monotonic()
                 self._threads = [
                     threading.Thread(target=self._listen, name="job-waiters", daemon=True)
                 ]
@@ -136,24 +143,48 @@ class JobWaiters:
                     )
                 for thread in self._threads:
                     thread.start()
-        # A notification published before the subscription took effect would be missed.
-        self._subscribed.wait(SUBSCRIBE_TIMEOUT_SECONDS)
+        # A notification published before the subscription took effect would be missed;
+        # requests wait for it up to SUBSCRIBE_TIMEOUT_SECONDS after the listener began
+        # connecting, not each its own: with Redis away, the rechecks answer instead.
+        if not self._subscribed.is_set():
+            left = self._connecting_since + SUBSCRIBE_TIMEOUT_SECONDS - time.monotonic()
+            self._subscribed.wait(max(0.0, left))
 
     def _listen(self) -> None:
         while True:
+            self._connecting_since = time.monotonic()
+            pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
             try:
-                pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
                 pubsub.subscribe(self.channel)
-                for message in pubsub.listen():
-                    if message["type"] == "subscribe":
-                        self._subscribed.set()
-                        self._recheck_all_soon()  # notifications may have been missed
-                    elif message["type"] == "message":
-                        self.resolve(json.loads(message["data"]))
+                self._relay(pubsub)
             except (redis.RedisError, OSError, ValueError) as exc:
                 self._subscribed.clear()
                 log.info("job listener reconnecting: %s", exc)
                 time.sleep(1.0)
+            finally:
+                pubsub.close()
+
+    def _relay(self, pubsub: Any) -> None:
+        """Hand on notifications; PING when quiet, and give the connection up when even
+        that gets no answer (a frozen Redis, a blackhole: nothing else would tell)."""
+        heard = time.monotonic()
+        pinged = False
+        while True:
+            message = pubsub.get_message(timeout=LISTEN_POLL_SECONDS)
+            now = time.monotonic()
+            if message is None:
+                if now - heard > QUIET_SECONDS + PING_TIMEOUT_SECONDS:
+                    raise redis.TimeoutError("no answer to PING: Redis is not answering")
+                if now - heard > QUIET_SECONDS and not pinged:
+                    pubsub.ping()
+                    pinged = True
+                continue
+            heard, pinged = now, False
+            if message["type"] == "subscribe":
+                self._subscribed.set()
+                self._recheck_all_soon()  # notifications may have been missed
+            elif message["type"] == "message":
+                self.resolve(json.loads(message["data"]))
 
     def resolve(self, documents: dict[str, dict[str, Any]]) -> None:
         """Hand each finished job's document to whoever waits for it."""

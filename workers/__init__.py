@@ -17,6 +17,7 @@ from kombu import Exchange, Queue
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.broker import TRANSPORT as BROKER_TRANSPORT
+from shared.cache import redis_keepalive_options
 from shared.config import Settings
 from shared.jobs import DRAIN_TASK, HISTORY_TASK, task_for_queue
 from shared.logs import configure as configure_logging
@@ -51,7 +52,15 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_url=settings.broker_url,
         broker_transport=BROKER_TRANSPORT,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            # No wait on the broker without a bound: a frozen or cut-off Redis fails
+            # the call (Celery reconnects) instead of hanging a thread; kombu polls
+            # with BRPOP timeouts of 1 s, well under this.
+            "socket_timeout": 10,
+            "socket_connect_timeout": 2,
+            **redis_keepalive_options(settings),
+        },
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,  # the jobs table is the result

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.cache import ProductCache, make_redis
 from shared.config import Settings
-from shared.db import make_engine, make_session_factory
+from shared.db import make_engine, make_session_factory, worker_client_timeout
 from shared.domain.errors import DomainError, ErrorCode
 from shared.domain.products import get_products, product_document
 from shared.jobs import (
@@ -143,7 +143,10 @@ class Runtime:
             if self._session_factory is None:
                 # A connection per drain thread, plus the post-drain checks.
                 engine = make_engine(
-                    self.settings, pool_size=self.settings.worker_threads + 2, pre_ping=False
+                    self.settings,
+                    pool_size=self.settings.worker_threads + 2,
+                    pre_ping=False,
+                    client_timeout=worker_client_timeout(self.settings),
                 )
                 self._session_factory = make_session_factory(engine)
             return self._session_factory
@@ -175,7 +178,9 @@ class Runtime:
     def coordination(self) -> redis.Redis:
         with self._lock:
             if self._coordination is None:
-                self._coordination = make_redis(self.settings.coordination_url, timeout=2.0)
+                self._coordination = make_redis(
+                    self.settings.coordination_url, timeout=2.0, settings=self.settings
+                )
             return self._coordination
 
     @property
@@ -183,7 +188,7 @@ class Runtime:
         with self._lock:
             if self._cache is None:
                 self._cache = ProductCache(
-                    make_redis(self.settings.cache_url, timeout=0.5),
+                    make_redis(self.settings.cache_url, timeout=0.5, settings=self.settings),
                     self.settings.cache_ttl_seconds,
                 )
             return self._cache
@@ -193,7 +198,9 @@ class Runtime:
         """The broker's database: the queues, and their wake flags beside them."""
         with self._lock:
             if self._broker_client is None:
-                self._broker_client = make_redis(self.settings.broker_url, timeout=2.0)
+                self._broker_client = make_redis(
+                    self.settings.broker_url, timeout=2.0, settings=self.settings
+                )
             return self._broker_client
 
     def wake(self, queue: str) -> None:

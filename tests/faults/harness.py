@@ -135,14 +135,20 @@ def private_rig(
     cut_commits: bool = False,
     replicas: int = 0,
     processes: tuple[str, ...] = ("web", "worker", "history", "beat"),
+    extra_address: str | None = None,
+    extra_clients: str | None = None,
 ) -> Iterator[Rig]:
     """PostgreSQL + Redis of this test only, migrated, and the Stack on them; stops all.
 
     With ``cut_commits`` the stack reaches PostgreSQL through a ``CommitCutter``; with
     ``replicas`` that many streaming standbys of the primary serve its lagging reads.
+    With ``extra_address`` both servers listen there too (a test's veth), PostgreSQL
+    trusting the clients of ``extra_clients`` (CIDR).
     """
-    pg = EmbeddedPostgres(tmp_path / "pg" / "data")
-    rd = EmbeddedRedis(tmp_path / "redis")
+    pg = EmbeddedPostgres(
+        tmp_path / "pg" / "data", extra_address=extra_address, extra_clients=extra_clients
+    )
+    rd = EmbeddedRedis(tmp_path / "redis", extra_address=extra_address)
     standbys = [
         EmbeddedStandby(pg, tmp_path / "pg" / f"replica{i}", log_name=f"replica{i}.log")
         for i in range(replicas)
@@ -267,7 +273,8 @@ class Ledger:
             return list(self.answers)
 
     def accepted(self) -> dict[str, Answer]:
-        return {a.job_id: a for a in self.snapshot() if a.status == 202 and a.job_id}
+        # 200: a ``Prefer: wait`` answered with the finished job's document.
+        return {a.job_id: a for a in self.snapshot() if a.status in (200, 202) and a.job_id}
 
     def statuses(self) -> Counter[int]:
         return Counter(a.status for a in self.snapshot())
@@ -365,13 +372,15 @@ class Load:
         with self._lock:
             return make_requests(self.shop, n, self.rng, mix)
 
-    def send(self, request: JobRequest, timeout: float = 30) -> Answer:
+    def send(
+        self, request: JobRequest, timeout: float = 30, headers: dict[str, str] | None = None
+    ) -> Answer:
         started = time.monotonic()
         try:
             response = self._http().post(
                 self.rig.base_url + request.path,
                 json=request.body,
-                headers={"Idempotency-Key": request.key},
+                headers={"Idempotency-Key": request.key, **(headers or {})},
                 timeout=timeout,
             )
         except requests.RequestException:
@@ -385,7 +394,7 @@ class Load:
             body = response.json()
         job_id = code = None
         if isinstance(body, dict):
-            job_id = body.get("jobId") if response.status_code == 202 else None
+            job_id = body.get("jobId") if response.status_code in (200, 202) else None
             error = body.get("error")
             code = error.get("code") if isinstance(error, dict) else None
         answer = Answer(
