@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import hashlib
 import json
 import time
@@ -21,6 +22,7 @@ import redis
 from sqlalchemy import (
     Connection,
     DateTime,
+    Insert,
     Row,
     String,
     Table,
@@ -37,8 +39,9 @@ from sqlalchemy.orm import Session
 
 from shared.domain.errors import ErrorCode
 from shared.formats import rfc3339
-from shared.models import Job
+from shared.models import Job, JobIdempotencyKey
 from shared.partitions import HISTORY_QUEUE, PartitionKind, partition
+from shared.retention import new_job_id
 
 
 class JobKind(enum.StrEnum):
@@ -130,13 +133,39 @@ def fingerprint(method: str, path: str, payload: dict[str, Any]) -> str:
 
 
 _jobs = cast(Table, Job.__table__)
-# Only what the server makes: the rest of a new row is what the caller gave.
-_INSERT_ONCE = (
-    insert(_jobs)
-    .on_conflict_do_nothing(index_elements=["idempotency_key"])
-    .returning(_jobs.c.seq, _jobs.c.created_at)
-)
+_keys = cast(Table, JobIdempotencyKey.__table__)
 _SELECT = select(*_jobs.c)
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_once(columns: tuple[str, ...]) -> Insert:
+    """The job row of ``columns`` (bound by name), written only if its Idempotency-Key
+    was not taken: one statement.
+
+    The key's uniqueness across the time partitions of ``jobs`` is the primary key of
+    ``job_idempotency_keys``: its ``ON CONFLICT DO NOTHING`` waits for a concurrent
+    writer of the same key, and when the key is taken no job row is written.  Only
+    what the server makes comes back; the rest of a new row is what the caller gave.
+    """
+    key = (
+        insert(_keys)
+        .values(
+            key=bindparam("idempotency_key", type_=_keys.c.key.type),
+            job_id=bindparam("id", type_=_keys.c.job_id.type),
+        )
+        .on_conflict_do_nothing(index_elements=["key"])
+        .returning(_keys.c.job_id)
+        .cte("key")
+    )
+    values = select(*(bindparam(c, type_=_jobs.c[c].type) for c in columns)).select_from(key)
+    return (
+        insert(_jobs).from_select(list(columns), values).returning(_jobs.c.seq, _jobs.c.created_at)
+    )
+
+
+_KEYED_JOB = _SELECT.where(
+    _jobs.c.id == select(_keys.c.job_id).where(_keys.c.key == bindparam("key")).scalar_subquery()
+)
 
 # ``position.ahead`` is exact up to this many jobs (API.md), then this number.
 POSITION_CAP = 10_000
@@ -229,7 +258,7 @@ def record(
     the id before the row exists (to listen for its outcome first).
     """
     new = NewJob(
-        job_id or uuid.uuid4(), kind, partition_for_job(kind, payload, partitions), payload
+        job_id or new_job_id(), kind, partition_for_job(kind, payload, partitions), payload
     )
     if idempotency_scope is None:
         return Recorded(record_many(executor, [new])[0], created=True)
@@ -241,12 +270,10 @@ def record(
         "idempotency_key": idempotency_scope,
         "request_hash": request_hash,
     }
-    inserted = executor.execute(_INSERT_ONCE, values).one_or_none()
+    inserted = executor.execute(_insert_once(tuple(values)), values).one_or_none()
     if inserted is not None:
         return Recorded(_new_record(values, *inserted), created=True)
-    existing = _record_of(
-        executor.execute(_SELECT.where(_jobs.c.idempotency_key == idempotency_scope)).one()
-    )
+    existing = _record_of(executor.execute(_KEYED_JOB, {"key": idempotency_scope}).one())
     if existing.request_hash != request_hash:
         raise IdempotencyKeyReused(idempotency_scope)
     return Recorded(existing, created=False)
@@ -549,16 +576,6 @@ def stale_partitions(session: Session, older_than: dt.timedelta) -> list[str]:
             .distinct()
         ).scalars()
     )
-
-
-def purge_idempotency_keys(session: Session, older_than: dt.timedelta) -> int:
-    """Forget Idempotency-Keys older than the retention (API.md: at least 24 hours)."""
-    result = session.execute(
-        update(_jobs)
-        .where(_jobs.c.idempotency_key.is_not(None), _jobs.c.created_at < func.now() - older_than)
-        .values(idempotency_key=None)
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]  # CursorResult of an UPDATE
 
 
 # ---- what operators see of the partitions (GET /v1/admin/partitions) ----------

@@ -42,6 +42,7 @@ from shared.jobs import (
     wake_key,
 )
 from shared.metrics import count_accepted
+from shared.retention import new_job_id
 from web.api import settings
 from web.breaker import Breaker
 from web.errors import ApiError, unavailable, validation_error
@@ -315,7 +316,7 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
     scope = _idempotency_scope()
     wait = preferred_wait()
     _ensure_broker_reachable(broker_breaker, publisher)
-    job_id = uuid.uuid4()
+    job_id = new_job_id()  # time-ordered: it names the partition that holds the job
     with waiters.waiting(str(job_id)) if wait else contextlib.nullcontext() as waiter:
         job = _record_and_commit(kind, payload, scope, job_id)
         if job.id == job_id:  # committed now, not an Idempotency-Key replay
