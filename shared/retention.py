@@ -147,7 +147,7 @@ def partitions_of(session: Session, table: PartitionedTable) -> list[Partition]:
             JOIN pg_class c ON c.oid = i.inhrelid
             CROSS JOIN LATERAL regexp_match(
                 pg_get_expr(c.relpartbound, c.oid), 'FROM \\((.*)\\) TO \\((.*)\\)') AS m
-            WHERE i.inhparent = CAST(:table AS regclass)
+            WHERE i.inhparent = CAST(:table AS regclass) AND m IS NOT NULL
             """  # noqa: S608 (the table's own SQL, no input)
         ),
         {"table": table.name},
