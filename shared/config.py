@@ -102,9 +102,10 @@ class Settings:
     # production.  Idempotency-Keys live exactly as long as their job.
     job_retention_hours: float = 72.0
     # Width of one time partition of ``jobs`` and ``outbox``: rows go away a partition
-    # at a time, so storage holds at most retention + one width (+ the partitions made
-    # ahead).  Below an hour only outside production.
-    job_partition_seconds: int = 6 * 3600
+    # at a time, so storage holds at most retention + one width.  A day keeps the
+    # partitions few (reads that cannot prune get slower with their number: README,
+    # "Data over time").  Below an hour only outside production.
+    job_partition_seconds: int = 24 * 3600
 
     # Product read cache (ARCHITECTURE rule 5).
     cache_ttl_seconds: int = 600

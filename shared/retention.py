@@ -43,8 +43,9 @@ from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
-# Partitions made ahead of the clock, so a row never waits for beat.
-PARTITIONS_AHEAD = 3
+# Partitions made ahead of the clock (beside the current one), so a row never waits
+# for beat; few, since every partition costs the reads that cannot prune a little.
+PARTITIONS_AHEAD = 2
 # Two beats (or a beat and an operator) changing the partitions take turns.
 _LOCK_ID = 0x5E0B_0017
 # DDL gives up rather than queue (and queue every reader behind it); the next run retries.
