@@ -12,13 +12,15 @@ import enum
 import functools
 import hashlib
 import json
+import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
+from redis.commands.core import Script
 from sqlalchemy import (
     Connection,
     DateTime,
@@ -26,6 +28,7 @@ from sqlalchemy import (
     Row,
     String,
     Table,
+    TextClause,
     bindparam,
     case,
     column,
@@ -63,8 +66,16 @@ class JobStatus(enum.StrEnum):
 DRAIN_TASK = "jobs.drain"
 HISTORY_TASK = "history.drain"
 
-# Redis (coordination db) names shared by web and workers.
-FINISHED_CHANNEL = "jobs:finished"
+# Redis (broker db) names shared by web and workers.  A job's outcome is published to
+# the channels of the web processes waiting for it, not broadcast: its row's
+# ``reply_to`` (the process that accepted it with ``Prefer: wait``) and the members of
+# ``waiters:<job id>`` (processes holding a long poll on it).
+FINISHED_CHANNEL_PREFIX = "jobs:finished:"
+
+
+def waiters_key(job_id: str) -> str:
+    """The set of channels of web processes long-polling ``job_id``."""
+    return f"waiters:{job_id}"
 
 
 def task_for_queue(queue: str) -> str:
@@ -95,8 +106,11 @@ def wake_partition(flags: redis.Redis, queue: str, send: Callable[[str], None]) 
 
 
 def wake_key(queue: str) -> str:
-    """Set while a wake-up for ``queue`` is in flight, so bursts send one message, not N."""
-    return f"wake:{queue}"
+    """Set while a wake-up for ``queue``'s kind is in flight, so bursts send one message,
+    not N.  One flag per partition kind (``wake:product``), not per partition: a drain
+    takes every partition of its kind that has PENDING jobs (``lock_pending_batch``), so
+    one wake-up serves them all and batches follow what is in flight (rule 6)."""
+    return f"wake:{queue.partition('.')[0]}"
 
 
 PARTITION_KIND_OF: dict[JobKind, PartitionKind] = {
@@ -191,6 +205,9 @@ class JobRecord:
     request_hash: str | None
     created_at: dt.datetime
     finished_at: dt.datetime | None
+    # The channel of the web process that accepted the job with ``Prefer: wait`` and
+    # waits for its outcome (None: nobody waited when it was accepted).
+    reply_to: str | None = None
 
     @property
     def pending(self) -> bool:
@@ -216,6 +233,7 @@ def _new_record(values: dict[str, Any], seq: int, created_at: dt.datetime) -> Jo
         request_hash=values.get("request_hash"),
         created_at=created_at,
         finished_at=None,
+        reply_to=values.get("reply_to"),
     )
 
 
@@ -237,6 +255,7 @@ class NewJob:
     kind: JobKind
     partition: str
     payload: dict[str, Any]
+    reply_to: str | None = None
 
 
 def record(
@@ -248,6 +267,7 @@ def record(
     idempotency_scope: str | None = None,
     request_hash: str | None = None,
     job_id: uuid.UUID | None = None,
+    reply_to: str | None = None,
 ) -> Recorded:
     """Add a PENDING job row (the caller commits, or runs it on an autocommit connection).
 
@@ -255,10 +275,15 @@ def record(
     key), concurrent requests with one key create one row: ``INSERT .. ON CONFLICT DO
     NOTHING`` on the unique key, then the existing row is returned if its fingerprint
     matches, else ``IdempotencyKeyReused`` is raised.  ``job_id`` lets the caller know
-    the id before the row exists (to listen for its outcome first).
+    the id before the row exists (to listen for its outcome first), and ``reply_to``
+    the channel its outcome is published to.
     """
     new = NewJob(
-        job_id or new_job_id(), kind, partition_for_job(kind, payload, partitions), payload
+        job_id or new_job_id(),
+        kind,
+        partition_for_job(kind, payload, partitions),
+        payload,
+        reply_to,
     )
     if idempotency_scope is None:
         return Recorded(record_many(executor, [new])[0], created=True)
@@ -269,6 +294,7 @@ def record(
         "payload": payload,
         "idempotency_key": idempotency_scope,
         "request_hash": request_hash,
+        "reply_to": reply_to,
     }
     inserted = executor.execute(_insert_once(tuple(values)), values).one_or_none()
     if inserted is not None:
@@ -286,10 +312,11 @@ _GET_JOB = _SELECT.where(_jobs.c.id == bindparam("job_id"))
 # rows come back keyed by id, whatever order RETURNING uses.
 _INSERT_MANY = text(
     """
-    INSERT INTO jobs (id, kind, partition, payload)
-    SELECT id, kind, partition, payload::jsonb
+    INSERT INTO jobs (id, kind, partition, payload, reply_to)
+    SELECT id, kind, partition, payload::jsonb, reply_to
     FROM unnest(CAST(:ids AS uuid[]), CAST(:kinds AS text[]), CAST(:partitions AS text[]),
-                CAST(:payloads AS text[])) AS new(id, kind, partition, payload)
+                CAST(:payloads AS text[]), CAST(:reply_to AS text[]))
+         AS new(id, kind, partition, payload, reply_to)
     RETURNING id, seq, created_at
     """
 )
@@ -304,12 +331,19 @@ def record_many(executor: Executor, jobs: list[NewJob]) -> list[JobRecord]:
             "kinds": [j.kind.value for j in jobs],
             "partitions": [j.partition for j in jobs],
             "payloads": [json.dumps(j.payload) for j in jobs],
+            "reply_to": [j.reply_to for j in jobs],
         },
     )
     made = {row.id: (row.seq, row.created_at) for row in rows}
     return [
         _new_record(
-            {"id": j.id, "kind": j.kind.value, "partition": j.partition, "payload": j.payload},
+            {
+                "id": j.id,
+                "kind": j.kind.value,
+                "partition": j.partition,
+                "payload": j.payload,
+                "reply_to": j.reply_to,
+            },
             *made[j.id],
         )
         for j in jobs
@@ -421,40 +455,97 @@ def partition_lock_id(queue: str) -> int:
 
 
 _LOCK_PARTITION = select(func.pg_advisory_xact_lock(bindparam("lock_id")))
-_PENDING = (_jobs.c.partition == bindparam("queue")) & (_jobs.c.status == JobStatus.PENDING.value)
-# The advisory lock is taken by the statement that reads the batch (one round trip).  Its
-# snapshot may predate the lock, so it may see as PENDING jobs that a drainer it waited
-# for has just finished: FOR UPDATE re-checks each row it locks against the committed
-# version (EvalPlanQual) and skips those, so only still-PENDING jobs come back, in seq
-# order; jobs committed after the snapshot are the next batch's.
-_LOCK_PENDING_BATCH = (
-    _SELECT.where(_PENDING, func.pg_advisory_xact_lock(bindparam("lock_id")).is_not(None))
-    .order_by(_jobs.c.seq)
-    .limit(bindparam("limit"))
-    .with_for_update()
-)
-_HAS_PENDING = select(_jobs.c.id).where(_PENDING).limit(1)
+
+# The drain's read (rule 6: batches follow what is in flight, not what one partition
+# holds): the PENDING jobs of every partition of one kind whose advisory lock this
+# transaction can take, in seq order, locked.  ``backlog`` lists the partitions with
+# PENDING jobs, oldest first; ``walk`` try-locks them in that order (a partition
+# another drainer holds is skipped, never waited for) until the partitions it got hold
+# as many jobs as the batch takes, so a second drainer of the kind finds the rest.
+# The try-lock is volatile: these CTEs are never inlined, and the walk's CASE keeps it
+# from running once the batch is full.
+# The statement's snapshot may predate a lock it takes, so it may see as PENDING jobs
+# that the drainer which held that lock has just finished: FOR UPDATE re-checks each
+# row it locks against the committed version (EvalPlanQual) and skips those, so only
+# still-PENDING jobs come back, in seq order, and each partition's jobs form a prefix
+# of its queue; jobs committed after the snapshot are the next batch's.
+_LOCK_PENDING_BATCH = """
+    WITH RECURSIVE backlog AS MATERIALIZED (
+        SELECT p.queue, p.lock_id, count(*) AS pending,
+               row_number() OVER (ORDER BY min(j.seq)) AS n
+        FROM unnest({queues}, {lock_ids}) AS p(queue, lock_id)
+        JOIN jobs AS j ON j.partition = p.queue AND j.status = 'PENDING'
+        GROUP BY p.queue, p.lock_id
+    ), walk(n, taken, queue) AS (
+        SELECT CAST(0 AS bigint), CAST(0 AS bigint), CAST(NULL AS text)
+        UNION ALL
+        SELECT b.n, w.taken + CASE WHEN g.got THEN b.pending ELSE 0 END,
+               CASE WHEN g.got THEN b.queue END
+        FROM walk AS w
+        JOIN backlog AS b ON b.n = w.n + 1
+        CROSS JOIN LATERAL (
+            SELECT CASE WHEN w.taken < :limit THEN pg_try_advisory_xact_lock(b.lock_id)
+                        ELSE false END AS got
+        ) AS g
+    )
+    SELECT j.* FROM jobs AS j
+    WHERE j.status = 'PENDING' AND j.partition IN (SELECT queue FROM walk)
+    ORDER BY j.seq
+    LIMIT :limit
+    FOR UPDATE OF j
+    """
+# Whether a partition of the kind holds a PENDING job that no drainer holds now (the
+# try-lock, in an autocommit statement, is let go at once).  A partition another
+# drainer holds is left to it: that drainer looks again after its commit.
+_HAS_UNHELD_PENDING = """
+    SELECT 1
+    FROM unnest({queues}, {lock_ids}) AS p(queue, lock_id)
+    WHERE CASE WHEN EXISTS (
+              SELECT 1 FROM jobs WHERE partition = p.queue AND status = 'PENDING')
+          THEN pg_try_advisory_xact_lock(p.lock_id) ELSE false END
+    LIMIT 1
+    """
 _LOCK_PENDING_JOB = _SELECT.where(
     _jobs.c.id == bindparam("job_id"), _jobs.c.status == JobStatus.PENDING.value
 ).with_for_update()
 
 
-def lock_pending_batch(session: Session, queue: str, limit: int) -> list[JobRecord]:
-    """The oldest PENDING jobs of ``queue``, locked, in commit order.
+_QUEUE_NAME = re.compile(r"^[a-z0-9_.]+$")
 
-    The transaction-scoped advisory lock makes the partition's consumer exclusive
-    even if two workers ever receive its wake-ups (a rebalance, a sweeper re-send):
-    the second waits, then finds those jobs finished.
-    """
-    rows = session.execute(
-        _LOCK_PENDING_BATCH,
-        {"queue": queue, "lock_id": partition_lock_id(queue), "limit": limit},
+
+@functools.lru_cache(maxsize=64)
+def _for_queues(template: str, queues: tuple[str, ...]) -> TextClause:
+    """``template`` with the queues and their lock ids as array literals: a kind's
+    queues never change, so its statements are built once (psycopg then prepares them)
+    and no execution pays for dumping the arrays."""
+    if not all(_QUEUE_NAME.match(queue) for queue in queues):
+        raise ValueError(f"not a queue name among {queues}")
+    lock_ids = ",".join(str(partition_lock_id(queue)) for queue in queues)
+    return text(
+        template.format(
+            queues=f"CAST('{{{','.join(queues)}}}' AS text[])",
+            lock_ids=f"CAST('{{{lock_ids}}}' AS bigint[])",
+        )
     )
+
+
+def lock_pending_batch(session: Session, queues: list[str], limit: int) -> list[JobRecord]:
+    """The oldest PENDING jobs of those of ``queues`` (one partition kind) whose advisory
+    locks this transaction takes, locked, in commit order; at most ``limit``.
+
+    Each partition's transaction-scoped advisory lock makes its applier exclusive
+    (rule 6) whichever worker took which wake-up: a partition held by another drainer
+    is skipped, and each partition's jobs come back as a prefix of its queue in seq
+    order, so one resource's jobs are never reordered.
+    """
+    rows = session.execute(_for_queues(_LOCK_PENDING_BATCH, tuple(queues)), {"limit": limit})
     return [_record_of(row) for row in rows]
 
 
-def partition_has_pending(executor: Executor, queue: str) -> bool:
-    return executor.execute(_HAS_PENDING, {"queue": queue}).first() is not None
+def has_unheld_pending(executor: Executor, queues: list[str]) -> bool:
+    """Whether one of ``queues`` holds a PENDING job and no drainer holds its lock."""
+    statement = _for_queues(_HAS_UNHELD_PENDING, tuple(queues))
+    return executor.execute(statement).first() is not None
 
 
 def lock_pending_job(session: Session, queue: str, job_id: uuid.UUID) -> JobRecord | None:
@@ -578,6 +669,60 @@ def stale_partitions(session: Session, older_than: dt.timedelta) -> list[str]:
     )
 
 
+# ---- telling waiting web processes ------------------------------------------------
+
+# KEYS: ``waiters:<id>`` of each finished job; ARGV: per job its id, its row's
+# ``reply_to`` ('' if none) and its status document (JSON).  Each channel named by a
+# job gets one message with the documents meant for it, ``{"<id>": document, ...}``:
+# a web process parses only the outcomes of its own waiters, however many web
+# processes run.  A job nobody waits for costs a set lookup and no message.
+_ANNOUNCE = """
+local parts, channels = {}, {}
+for i = 1, #KEYS do
+  local id, reply, document = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local targets = redis.call('SMEMBERS', KEYS[i])
+  if reply ~= '' then table.insert(targets, reply) end
+  local told = {}
+  for _, channel in ipairs(targets) do
+    if not told[channel] then
+      told[channel] = true
+      if parts[channel] == nil then
+        parts[channel] = {}
+        table.insert(channels, channel)
+      end
+      table.insert(parts[channel], '"' .. id .. '":' .. document)
+    end
+  end
+end
+for _, channel in ipairs(channels) do
+  redis.call('PUBLISH', channel, '{' .. table.concat(parts[channel], ',') .. '}')
+end
+return #channels
+"""
+
+
+def announcer(client: redis.Redis) -> Script:
+    """The script that publishes finished jobs' documents to their waiters (registered
+    once per client; run it on a pipeline with ``announce_finished``)."""
+    return client.register_script(_ANNOUNCE)
+
+
+def announce_finished(
+    script: Script,
+    pipe: redis.client.Pipeline,
+    outcomes: list[JobOutcome],
+) -> None:
+    """Queue on ``pipe`` the publication of each outcome to the web processes waiting
+    for it (after commit, never inside the transaction)."""
+    keys: list[str] = []
+    args: list[str] = []
+    for outcome in outcomes:
+        job_id = str(outcome.job.id)
+        keys.append(waiters_key(job_id))
+        args += [job_id, outcome.job.reply_to or "", json.dumps(outcome.document())]
+    script(keys=keys, args=args, client=pipe)
+
+
 # ---- what operators see of the partitions (GET /v1/admin/partitions) ----------
 
 # Broker db hash: partition queue -> when a drainer last committed a batch of it (epoch
@@ -586,12 +731,13 @@ def stale_partitions(session: Session, older_than: dt.timedelta) -> list[str]:
 LAST_DRAIN_KEY = "partitions:last_drain"
 
 
-def note_drain(broker: redis.Redis | redis.client.Pipeline, queue: str) -> None:
-    """Record (in the broker's database, beside the queues) that a batch of ``queue`` was
-    just committed.  Call after the commit, never inside it; on a pipeline, it rides
-    with the batch's other notes.  Best effort: a lost note only leaves the last drain
-    older than it is."""
-    broker.hset(LAST_DRAIN_KEY, queue, str(int(time.time() * 1000)))
+def note_drain(broker: redis.Redis | redis.client.Pipeline, queues: Iterable[str]) -> None:
+    """Record (in the broker's database, beside the queues) that a batch of each of
+    ``queues`` was just committed.  Call after the commit, never inside it; on a
+    pipeline, it rides with the batch's other notes.  Best effort: a lost note only
+    leaves the last drain older than it is."""
+    now = str(int(time.time() * 1000))
+    broker.hset(LAST_DRAIN_KEY, mapping=dict.fromkeys(queues, now))
 
 
 def last_drains(flags: redis.Redis) -> dict[str, dt.datetime]:

@@ -329,6 +329,8 @@ class Job(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
     finished_at: Mapped[dt.datetime | None] = mapped_column()
+    # The channel of the web process waiting for the outcome (``Prefer: wait``).
+    reply_to: Mapped[str | None] = mapped_column(String(100))
 
 
 class JobIdempotencyKey(Base):

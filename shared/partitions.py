@@ -29,6 +29,16 @@ def partition(kind: PartitionKind, key: int, count: int) -> str:
     return f"{kind.value}.{partition_index(key, count)}"
 
 
+def kind_queues(kind: PartitionKind, count: int) -> list[str]:
+    """The partition queues of one kind, in order: ``<kind>.0`` .. ``<kind>.<count-1>``."""
+    return [f"{kind.value}.{n}" for n in range(count)]
+
+
+def queue_kind(queue: str) -> PartitionKind:
+    """The partition kind of a partition queue (``product.3`` -> ``product``)."""
+    return PartitionKind(queue.partition(".")[0])
+
+
 def all_partition_queues(count: int) -> list[str]:
     """Every partition queue of every kind, in a fixed order."""
     return [f"{kind.value}.{n}" for kind in PartitionKind for n in range(count)]

@@ -81,7 +81,9 @@ def create_app(
         cache_client, settings.top_sellers_cache_seconds
     )
     app.extensions["job_waiters"] = JobWaiters(
-        make_redis(settings.coordination_url, timeout=None), recheck
+        make_redis(settings.broker_url, timeout=None),
+        recheck,
+        registry=make_redis(settings.broker_url, timeout=1.0),
     )
     install_publishing(app, settings, publisher)
     _install_rate_limit(app, settings)

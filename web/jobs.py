@@ -32,7 +32,7 @@ def current_document(job_id: uuid.UUID) -> dict[str, Any] | None:
 def await_document(job_id: uuid.UUID, seconds: float) -> dict[str, Any] | None:
     """The job's status document once it finishes, or after ``seconds`` as it is then."""
     waiters: JobWaiters = current_app.extensions["job_waiters"]
-    with waiters.waiting(str(job_id)) as waiter:
+    with waiters.waiting(str(job_id), announce_for=seconds) as waiter:
         with autocommit() as connection:
             job = get_job(connection, job_id)
         if job is None:

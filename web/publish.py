@@ -254,7 +254,11 @@ def _unavailable_unless_committed(
 
 
 def _record_and_commit(
-    kind: JobKind, payload: dict[str, Any], scope: str | None, job_id: uuid.UUID
+    kind: JobKind,
+    payload: dict[str, Any],
+    scope: str | None,
+    job_id: uuid.UUID,
+    reply_to: str | None,
 ) -> JobRecord:
     """Write the job row, committed, and wake its partition; 503 / 422 if not written.
 
@@ -265,7 +269,7 @@ def _record_and_commit(
         recorder: GroupCommit[NewJob, JobRecord] = current_app.extensions["job_recorder"]
         partition = partition_for_job(kind, payload, settings().partitions)
         try:
-            return recorder.submit(NewJob(job_id, kind, partition, payload), _write_batch)
+            return recorder.submit(NewJob(job_id, kind, partition, payload, reply_to), _write_batch)
         except _WriteFailed as failed:
             cause = failed.__cause__ or failed
             return _unavailable_unless_committed(job_id, failed.connected, cause)
@@ -287,6 +291,7 @@ def _record_and_commit(
                 idempotency_scope=scope,
                 request_hash=fingerprint(request.method, request.path, payload),
                 job_id=job_id,
+                reply_to=reply_to,
             ).job
 
     try:
@@ -317,8 +322,10 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
     wait = preferred_wait()
     _ensure_broker_reachable(broker_breaker, publisher)
     job_id = new_job_id()  # time-ordered: it names the partition that holds the job
+    # The row names this process's channel: the worker that finishes it tells only us.
+    reply_to = waiters.channel if wait else None
     with waiters.waiting(str(job_id)) if wait else contextlib.nullcontext() as waiter:
-        job = _record_and_commit(kind, payload, scope, job_id)
+        job = _record_and_commit(kind, payload, scope, job_id, reply_to)
         if job.id == job_id:  # committed now, not an Idempotency-Key replay
             count_accepted(kind.value)
         if wait is None:

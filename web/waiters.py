@@ -1,11 +1,16 @@
 """Clients waiting for jobs to finish (long polls and ``Prefer: wait``).
 
-Workers publish, after each commit, one ``jobs:finished`` message carrying the
-status document of every job the batch finished.  One listener thread per web
-process subscribes to it and hands each document to the requests waiting for
-that job, which answer with it: a waiting request reads no row and holds no
-database connection while it waits (web runs gevent, so it holds no OS thread
-either; thousands may wait at once).
+Each web process has a channel of its own (``jobs:finished:<token>``).  A job
+accepted with ``Prefer: wait`` names it in its row (``reply_to``); a long poll on a
+job still PENDING adds it to the job's ``waiters:<id>`` set in Redis.  Workers
+publish, after each commit, to each channel named by the jobs the batch finished,
+one message carrying the status documents meant for that process
+(``shared.jobs.announce_finished``), so a web process parses only its own
+waiters' outcomes, however many web processes run.  One listener thread per web
+process subscribes to its channel and hands each document to the requests
+waiting for that job, which answer with it: a waiting request reads no row and
+holds no database connection while it waits (web runs gevent, so it holds no OS
+thread either; thousands may wait at once).
 
 A notification can be missed (Redis restarted, the listener reconnecting, a
 worker's publish failing after its commit), so the listener also re-reads the
@@ -29,12 +34,15 @@ from typing import Any
 
 import redis
 
-from shared.jobs import FINISHED_CHANNEL
+from shared.jobs import FINISHED_CHANNEL_PREFIX, waiters_key
 
 log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 1.0
 SUBSCRIBE_TIMEOUT_SECONDS = 2.0
+# A long poll's registration outlives its wait by this much (it is not removed: a
+# stale one costs a message the process ignores).
+REGISTRATION_SLACK_SECONDS = 5
 
 # Given the ids of waited-for jobs, the status documents of those that have finished.
 Recheck = Callable[[list[uuid.UUID]], dict[str, dict[str, Any]]]
@@ -62,8 +70,18 @@ class Waiter:
 
 
 class JobWaiters:
-    def __init__(self, client: redis.Redis, recheck: Recheck | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        recheck: Recheck | None = None,
+        registry: redis.Redis | None = None,
+    ) -> None:
+        """``client`` subscribes (it blocks on its socket); ``registry`` (the broker's
+        database, where workers look waiters up) records long polls."""
         self._client = client
+        self._registry = registry or client
+        # Made in the process that waits (create_app runs after gunicorn's fork).
+        self.channel = FINISHED_CHANNEL_PREFIX + uuid.uuid4().hex
         self._recheck = recheck
         self._waiting: dict[str, set[Waiter]] = {}
         self._lock = threading.Lock()
@@ -71,13 +89,20 @@ class JobWaiters:
         self._threads: list[threading.Thread] = []
 
     @contextmanager
-    def waiting(self, job_id: str) -> Iterator[Waiter]:
+    def waiting(self, job_id: str, *, announce_for: float | None = None) -> Iterator[Waiter]:
         """Register a waiter for ``job_id`` for the block.  Enter it before reading or
-        writing the job's row, so that a finish in between is not missed."""
+        writing the job's row, so that a finish in between is not missed.
+
+        ``announce_for``: the job's row may already exist, so ask the workers, through
+        its ``waiters:<id>`` set, to tell this process (for that many seconds); a job
+        written in the block names ``channel`` in its row instead.
+        """
         self._ensure_listener()
         waiter = Waiter(job_id)
         with self._lock:
             self._waiting.setdefault(job_id, set()).add(waiter)
+        if announce_for is not None:
+            self._announce(job_id, announce_for)
         try:
             yield waiter
         finally:
@@ -87,6 +112,16 @@ class JobWaiters:
                     waiters.discard(waiter)
                     if not waiters:
                         del self._waiting[job_id]
+
+    def _announce(self, job_id: str, seconds: float) -> None:
+        key = waiters_key(job_id)
+        try:
+            pipe = self._registry.pipeline(transaction=False)
+            pipe.sadd(key, self.channel)
+            pipe.expire(key, int(seconds) + REGISTRATION_SLACK_SECONDS)
+            pipe.execute()
+        except redis.RedisError as exc:  # the re-reads answer it (recheck, deadline)
+            log.info("long poll of %s not registered: %s", job_id, exc)
 
     def _ensure_listener(self) -> None:
         with self._lock:
@@ -108,7 +143,7 @@ class JobWaiters:
         while True:
             try:
                 pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
-                pubsub.subscribe(FINISHED_CHANNEL)
+                pubsub.subscribe(self.channel)
                 for message in pubsub.listen():
                     if message["type"] == "subscribe":
                         self._subscribed.set()

@@ -27,7 +27,6 @@ sleeps while holding a partition back.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import threading
 import uuid
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -47,24 +47,25 @@ from shared.db import make_engine, make_session_factory
 from shared.domain.errors import DomainError, ErrorCode
 from shared.domain.products import get_products, product_document
 from shared.jobs import (
-    FINISHED_CHANNEL,
     PARTITION_KIND_OF,
     WAKE_FLAG_SECONDS,
     JobKind,
     JobOutcome,
     JobRecord,
+    announce_finished,
+    announcer,
     count_attempt,
     finish_jobs,
     get_job,
+    has_unheld_pending,
     lock_pending_batch,
     lock_pending_job,
     note_drain,
-    partition_has_pending,
     wake_key,
     wake_partition,
 )
 from shared.metrics import count_finished, draining, observe_batch
-from shared.partitions import HISTORY_QUEUE, PartitionKind
+from shared.partitions import HISTORY_QUEUE, PartitionKind, kind_queues, queue_kind
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,8 @@ class Effects:
     # read once before commit: marked pending then, stored in the cache after.
     committed_products: dict[int, tuple[dict[str, Any], int]] = field(default_factory=dict)
     history: bool = False
-    # The partition a batch of jobs was committed for (its lastDrainAt), if any.
-    drained: str | None = None
+    # The partitions a batch of jobs was committed for (their lastDrainAt).
+    drained: set[str] = field(default_factory=set)
     # Keyed, so that an action wanted by many jobs of a batch runs once.
     later: dict[str, Callable[[Runtime], None]] = field(default_factory=dict)
 
@@ -89,6 +90,7 @@ class Effects:
         self.products |= other.products
         self.committed_products.update(other.committed_products)
         self.history |= other.history
+        self.drained |= other.drained
         self.later.update(other.later)
 
 
@@ -135,6 +137,7 @@ class Runtime:
         self._autocommit: Engine | None = None
         self._coordination: redis.Redis | None = None
         self._broker_client: redis.Redis | None = None
+        self._announcer: Script | None = None
         self._cache: ProductCache | None = None
 
     @property
@@ -196,6 +199,15 @@ class Runtime:
                 self._broker_client = make_redis(self.settings.broker_url, timeout=2.0)
             return self._broker_client
 
+    @property
+    def announcer(self) -> Script:
+        """The script that tells waiting web processes their jobs' outcomes."""
+        client = self.broker  # (takes the lock itself)
+        with self._lock:
+            if self._announcer is None:
+                self._announcer = announcer(client)
+            return self._announcer
+
     def wake(self, queue: str) -> None:
         """Wake ``queue`` unless a wake-up is in flight.  Never call inside a transaction."""
         wake_partition(self.broker, queue, self._send)
@@ -210,10 +222,14 @@ class Runtime:
         except redis.RedisError as exc:
             log.warning("could not clear the wake flag of %s: %s", queue, exc)
 
-    def backlog(self, queue: str) -> int:
-        """Messages waiting in ``queue`` (a Redis list of the broker's database), 0 if unknown."""
+    def backlog(self, queues: list[str]) -> int:
+        """Messages waiting in ``queues`` (Redis lists of the broker's database, one round
+        trip), 0 if unknown."""
         try:
-            return int(self.broker.llen(queue))  # type: ignore[arg-type]  # sync client
+            pipe = self.broker.pipeline(transaction=False)
+            for queue in queues:
+                pipe.llen(queue)
+            return sum(int(n) for n in pipe.execute())
         except redis.RedisError:
             return 0
 
@@ -251,38 +267,56 @@ def mark_products_pending(rt: Runtime, session: Session, effects: Effects) -> No
         )
 
 
-# Batches one drain task applies before the partition goes to the back of the line.
+# Batches one drain task applies before its kind goes to the back of the line.
 MAX_BATCHES_PER_DRAIN = 20
 
 
 def drain_partition(rt: Runtime, queue: str) -> int:
-    """Apply the PENDING jobs of ``queue`` in commit order; returns how many finished
-    (``_drain``), counted and timed (``shop_drains_total``, ``shop_drain_seconds``)."""
+    """Apply the PENDING jobs of ``queue``'s kind in commit order; returns how many
+    finished (``_drain``), counted and timed (``shop_drains_total``, ``shop_drain_seconds``)."""
     with draining(queue):
         return _drain(rt, queue)
 
 
 def _drain(rt: Runtime, queue: str) -> int:
-    """Apply the PENDING jobs of ``queue`` in commit order; returns how many finished.
+    """Apply the PENDING jobs of every partition of ``queue``'s kind, batch after batch.
 
-    The wake flag stays set while the partition is drained, so web sends no
-    further wake-ups for jobs this drain will find anyway.  When a batch comes
-    back short, the flag is cleared and the partition looked at once more (one
-    statement): a job committed before the clear is found by that look, and the
-    drain takes the flag back and goes on (no message needed); a job committed
-    after the clear sets the flag itself and sends a wake-up (``web.publish``).
-    No job is left behind.  After ``MAX_BATCHES_PER_DRAIN`` the partition is woken
-    by a message instead, behind the other partitions' wake-ups, so a busy one
-    cannot hold a pool thread for ever.
+    A wake-up names one partition, but the drain takes every partition of the kind that
+    has PENDING jobs and that no other drainer holds (``lock_pending_batch``): at any
+    concurrency one message, one transaction and one commit serve the jobs in flight,
+    while each partition's advisory lock keeps its jobs in order (rule 6).
+
+    The kind's wake flag stays set while the drain goes on, so web sends no further
+    wake-ups for jobs it will find anyway: while batches keep finding jobs (those
+    committed while the last one ran: a group commit of the drain's own), the next
+    batch follows at once, with no message, flag or look in between.  When a batch
+    comes back empty, the flag is cleared and the kind looked at once more (one
+    statement): a job committed before the clear is found by that look, and the drain
+    takes the flag back and goes on (no message needed); a job committed after the
+    clear sets the flag itself and sends a wake-up (``web.publish``).  A job of a
+    partition another drainer holds is that drainer's: it looks again after its own
+    commit.  No job is left behind.
+
+    A full batch means more is waiting than one batch takes: a second wake-up (once per
+    drain) lets another pool thread or worker drain the partitions this one has no room
+    for.  After ``MAX_BATCHES_PER_DRAIN`` the kind is woken by a message instead, behind
+    the other kinds' wake-ups, so a busy kind cannot hold a pool thread for ever.
     """
+    queues = kind_queues(queue_kind(queue), rt.settings.partitions)
+    if queue not in queues:  # a queue left over from a larger PARTITIONS
+        queues.append(queue)
     done = 0
+    helped = False
     for _ in range(MAX_BATCHES_PER_DRAIN):
-        applied = apply_next_batch(rt, queue)
+        applied = apply_next_batch(rt, queues)
         done += applied
-        if applied >= rt.settings.batch_size:
-            continue  # a full batch: more are waiting; the flag keeps web quiet meanwhile
+        if applied >= rt.settings.batch_size and not helped:
+            helped = True  # more are waiting than one batch takes
+            _ask_for_help(rt, queue)
+        if applied:
+            continue  # the flag still keeps web quiet: look for what came in meanwhile
         rt.release(queue)
-        if not has_pending(rt, queue):
+        if not has_pending(rt, queues):
             return done
         if not rt.claim(queue):
             return done  # a job committed since sent a wake-up of its own
@@ -294,32 +328,40 @@ def _drain(rt: Runtime, queue: str) -> int:
     return done
 
 
-def has_pending(rt: Runtime, queue: str) -> bool:
-    """Whether ``queue`` holds a PENDING job, as committed now (a fresh snapshot)."""
+def _ask_for_help(rt: Runtime, queue: str) -> None:
+    try:
+        rt.force_wake(queue)
+    except Exception as exc:  # only parallelism is lost
+        log.warning("could not wake a second drainer of %s: %s", queue, exc)
+
+
+def has_pending(rt: Runtime, queues: list[str]) -> bool:
+    """Whether one of ``queues`` holds a PENDING job that no drainer holds, as committed
+    now (a fresh snapshot)."""
     with rt.autocommit() as executor:
-        return partition_has_pending(executor, queue)
+        return has_unheld_pending(executor, queues)
 
 
-def apply_next_batch(rt: Runtime, queue: str) -> int:
+def apply_next_batch(rt: Runtime, queues: list[str]) -> int:
+    """Lock, decide and commit one batch of the PENDING jobs of ``queues`` (one kind)."""
     effects = Effects()
-    job_ids: list[uuid.UUID] = []
+    jobs: list[JobRecord] = []
     try:
         with rt.session_factory() as session, session.begin():
-            jobs = lock_pending_batch(session, queue, rt.settings.batch_size)
-            job_ids = [job.id for job in jobs]
+            jobs = lock_pending_batch(session, queues, rt.settings.batch_size)
             _apply_batch(rt, session, jobs, effects)
     except Exception as exc:
-        if is_transient(exc) or not job_ids:
+        if is_transient(exc) or not jobs:
             raise
-        log.exception("batch of %d on %s failed; replaying one by one", len(job_ids), queue)
+        log.exception("batch of %d on %s failed; replaying one by one", len(jobs), queues[0])
         effects = Effects()
-        for job_id in job_ids:
-            _apply_alone(rt, queue, job_id, effects)
-    if job_ids:
-        effects.drained = queue  # lastDrainAt of GET /v1/admin/partitions
-        observe_batch(queue, len(job_ids))
+        for job in jobs:
+            _apply_alone(rt, job.partition, job.id, effects)
+    if jobs:
+        effects.drained = {job.partition for job in jobs}  # lastDrainAt of each
+        observe_batch(queues[0], len(jobs))
     after_commit(rt, effects)
-    return len(job_ids)
+    return len(jobs)
 
 
 def _apply_alone(rt: Runtime, queue: str, job_id: uuid.UUID, effects: Effects) -> None:
@@ -385,8 +427,7 @@ def after_commit(rt: Runtime, effects: Effects) -> None:
         if effects.drained:
             note_drain(pipe, effects.drained)
         if effects.finished:
-            documents = {str(o.job.id): o.document() for o in effects.finished}
-            pipe.publish(FINISHED_CHANNEL, json.dumps(documents))
+            announce_finished(rt.announcer, pipe, effects.finished)
         if effects.history:
             pipe.set(wake_key(HISTORY_QUEUE), 1, nx=True, ex=WAKE_FLAG_SECONDS)
         answers = pipe.execute()

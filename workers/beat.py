@@ -12,7 +12,7 @@ from shared.domain.history import has_undelivered_outbox
 from shared.domain.orders import expire_order, list_expired_orders
 from shared.jobs import stale_partitions
 from shared.metrics import count_retention, count_swept
-from shared.partitions import HISTORY_QUEUE
+from shared.partitions import HISTORY_QUEUE, kind_queues, queue_kind
 from shared.retention import drop_expired, ensure_partitions, purge_defaults
 from shared.table_partitions import ensure_month_partitions
 from workers.base import Effects, Runtime, after_commit, mark_products_pending
@@ -25,17 +25,19 @@ def sweep_pending_jobs(rt: Runtime) -> list[str]:
 
     The broker may have lost the wake-up (a restart without its data, a publish
     that failed after commit, a worker killed holding the message: celery#4976),
-    so the job rows, not the messages, decide what is re-sent.
+    so the job rows, not the messages, decide what is re-sent.  A drain takes every
+    partition of its kind, so one wake-up per kind is enough.
     """
     with rt.session_factory() as session:
         queues = stale_partitions(session, dt.timedelta(seconds=rt.settings.sweep_after_seconds))
     woken: list[str] = []
-    for queue in queues:
-        # A wake-up already waiting in the queue will do; while the worker is down,
-        # re-sending every interval would only pile up messages.
-        if rt.backlog(queue) == 0:
-            rt.force_wake(queue)
-            woken.append(queue)
+    for kind in sorted({queue_kind(queue) for queue in queues}):
+        # A wake-up already waiting in a queue of the kind will do; while the workers
+        # are down, re-sending every interval would only pile up messages.
+        if rt.backlog(kind_queues(kind, rt.settings.partitions)) == 0:
+            first = min(q for q in queues if queue_kind(q) is kind)
+            rt.force_wake(first)
+            woken.append(first)
     count_swept(woken)
     if queues:
         log.info("sweeper re-sent wake-ups for %s", queues)

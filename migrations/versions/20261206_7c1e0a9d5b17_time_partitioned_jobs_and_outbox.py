@@ -32,7 +32,7 @@ keyed requests fail on it until the web processes are replaced (run the migratio
 with the new web, or drain keyed traffic first).
 
 Revision ID: 7c1e0a9d5b17
-Revises: 41d86260e91d
+Revises: 6c1f0e2a9b7d
 Create Date: 2026-12-06 12:40:00.000000
 
 """
@@ -45,7 +45,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision: str = "7c1e0a9d5b17"
-down_revision: Union[str, Sequence[str], None] = "41d86260e91d"
+down_revision: Union[str, Sequence[str], None] = "6c1f0e2a9b7d"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 

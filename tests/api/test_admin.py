@@ -105,7 +105,7 @@ def test_every_queue_with_its_backlog_oldest_age_and_last_drain(
 def test_note_drain_records_the_moment_of_the_drain(settings: Settings) -> None:
     flags = redis.Redis.from_url(settings.broker_url)
     before = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    note_drain(flags, "coupon.18")
+    note_drain(flags, ["coupon.18"])
     after = dt.datetime.now(dt.UTC)
     noted = dt.datetime.fromtimestamp(int(flags.hget(LAST_DRAIN_KEY, "coupon.18")) / 1000, dt.UTC)  # type: ignore[arg-type]
     assert before <= noted <= after

@@ -7,6 +7,7 @@ the partition consumer does; no broker is involved (the runtime records its send
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import uuid
@@ -32,18 +33,23 @@ from shared.domain.orders import list_order_histories
 from shared.domain.points import get_balance
 from shared.domain.products import create_product, get_product, product_document
 from shared.jobs import (
-    FINISHED_CHANNEL,
+    FINISHED_CHANNEL_PREFIX,
     JobKind,
     JobRecord,
     JobStatus,
+    NewJob,
     document_of,
     get_job,
+    has_unheld_pending,
     lock_partition,
+    lock_pending_batch,
     record,
+    record_many,
+    waiters_key,
     wake_key,
 )
 from shared.models import Job, PointHistory, Product, UserCoupon
-from shared.partitions import HISTORY_QUEUE, PartitionKind
+from shared.partitions import HISTORY_QUEUE, PartitionKind, kind_queues, partition
 from workers.base import (
     HANDLERS,
     Effects,
@@ -51,6 +57,7 @@ from workers.base import (
     Runtime,
     apply_next_batch,
     drain_partition,
+    has_pending,
     is_transient,
 )
 from workers.base import Outcome as BatchOutcome
@@ -79,9 +86,17 @@ def _no_foreign_pending_jobs(session_factory: sessionmaker[Session]) -> None:
         )
 
 
-def _submit(rt: Runtime, kind: JobKind, **payload: Any) -> tuple[uuid.UUID, str]:
+def _submit(
+    rt: Runtime, kind: JobKind, *, reply_to: str | None = None, **payload: Any
+) -> tuple[uuid.UUID, str]:
     with rt.session_factory() as session, session.begin():
-        job = record(session, kind=kind, payload=payload, partitions=rt.settings.partitions).job
+        job = record(
+            session,
+            kind=kind,
+            payload=payload,
+            partitions=rt.settings.partitions,
+            reply_to=reply_to,
+        ).job
         return job.id, job.partition
 
 
@@ -291,33 +306,51 @@ def test_order_pay_in_a_user_batch_with_charges_gives_the_payment_or_its_code(
 # ---- the drain path ------------------------------------------------------------------
 
 
-def test_a_batch_applies_in_commit_order_and_announces_it(runtime: Runtime) -> None:
+def test_a_batch_applies_in_commit_order_and_tells_only_the_waiting_processes(
+    runtime: Runtime,
+) -> None:
     product_id = _product(runtime, stock=0)
-    pubsub = runtime.coordination.pubsub()
-    pubsub.subscribe(FINISHED_CHANNEL)
+    accepted_by, polled_by = f"{FINISHED_CHANNEL_PREFIX}a", f"{FINISHED_CHANNEL_PREFIX}b"
+    pubsub = runtime.broker.pubsub()
+    pubsub.subscribe(accepted_by, polled_by)
     try:
-        confirmed = pubsub.get_message(timeout=10)  # subscribed before anything is published
-        assert confirmed is not None
-        assert confirmed["type"] == "subscribe"
+        for _ in range(2):  # subscribed before anything is published
+            confirmed = pubsub.get_message(timeout=10)
+            assert confirmed is not None
+            assert confirmed["type"] == "subscribe"
         submitted = [
-            _submit(runtime, JobKind.STOCK_SET, productId=product_id, stock=stock)
-            for stock in (5, 9, 2, 7, 4)
+            _submit(
+                runtime,
+                JobKind.STOCK_SET,
+                reply_to=accepted_by if n < 3 else None,
+                productId=product_id,
+                stock=stock,
+            )
+            for n, stock in enumerate((5, 9, 2, 7, 4))
         ]
+        # The fourth is long-polled by the other process; nobody waits for the fifth.
+        runtime.broker.sadd(waiters_key(str(submitted[3][0])), polled_by)
         queue = submitted[0][1]
-        assert apply_next_batch(runtime, queue) == 5
+        assert apply_next_batch(runtime, [queue]) == 5
         results = [_outcome(runtime, job_id).result for job_id, _ in submitted]
         assert [r["stock"] for r in results if r is not None] == [5, 9, 2, 7, 4]
         assert _stock(runtime, product_id) == 4
-        message = pubsub.get_message(timeout=10)
-        assert message is not None
-        documents = json.loads(message["data"])
-        # The status document of each job, in commit order, exactly as GET answers it.
-        assert list(documents) == [str(job_id) for job_id, _ in submitted]
+        told: dict[str, dict[str, Any]] = {}
+        for _ in range(2):
+            message = pubsub.get_message(timeout=10)
+            assert message is not None
+            told[message["channel"].decode()] = json.loads(message["data"])
+        assert pubsub.get_message(timeout=0.5) is None  # one message per channel, no more
+        # The status document of each job, in commit order, exactly as GET answers it,
+        # to the processes that wait for it and to no other.
+        assert list(told[accepted_by]) == [str(job_id) for job_id, _ in submitted[:3]]
+        assert list(told[polled_by]) == [str(submitted[3][0])]
         with runtime.session_factory() as session:
-            for job_id, _ in submitted:
-                row = get_job(session, job_id)
-                assert row is not None
-                assert documents[str(job_id)] == document_of(row)
+            for channel, documents in told.items():
+                for job_id, document in documents.items():
+                    row = get_job(session, uuid.UUID(job_id))
+                    assert row is not None, channel
+                    assert document == document_of(row)
     finally:
         pubsub.close()
 
@@ -330,7 +363,7 @@ def test_drain_takes_batch_after_batch(
     user = _user()
     jobs = [_submit(rt, JobKind.POINTS_CHARGE, userId=user, amount=n) for n in (1, 2, 3, 4, 5)]
     queue = jobs[0][1]
-    assert apply_next_batch(rt, queue) == 2
+    assert apply_next_batch(rt, [queue]) == 2
     assert [_outcome(rt, j).status for j, _ in jobs] == ["SUCCEEDED"] * 2 + ["PENDING"] * 3
     assert drain_partition(rt, queue) == 3
     assert [_outcome(rt, j).result for j, _ in jobs] == [
@@ -347,7 +380,7 @@ def test_draining_again_changes_nothing(runtime: Runtime) -> None:
 
     # A redelivered or swept wake-up.
     assert drain_partition(runtime, queue) == 0
-    assert apply_next_batch(runtime, queue) == 0
+    assert apply_next_batch(runtime, [queue]) == 0
 
     assert [_outcome(runtime, first), _outcome(runtime, second)] == before
     assert before[1].code == ErrorCode.INSUFFICIENT_POINTS
@@ -419,23 +452,81 @@ def partition_held_elsewhere(engine: Engine) -> Iterator[Any]:
     connection.close()
 
 
-def test_a_database_error_propagates_and_is_not_an_attempt(
+def test_a_partition_another_drainer_holds_is_skipped_not_waited_for(
     runtime: Runtime, partition_held_elsewhere: Any
 ) -> None:
     user = _user()
     job_id, queue = _submit(runtime, JobKind.POINTS_CHARGE, userId=user, amount=5)
     partition_held_elsewhere(queue)
-    with runtime.session_factory() as session, session.begin():
-        # Released savepoints keep SET LOCAL: it lasts until the test's rollback.
-        session.execute(text("SET LOCAL lock_timeout = '50ms'"))
 
-    with pytest.raises(OperationalError) as caught:
-        apply_next_batch(runtime, queue)
-    assert is_transient(caught.value)
-
+    assert apply_next_batch(runtime, [queue]) == 0
+    # Its holder looks again after its own commit: this drain need not.
+    assert not has_pending(runtime, [queue])
     waiting = _outcome(runtime, job_id)
     assert (waiting.status, waiting.attempts) == (JobStatus.PENDING, 0)
     assert _balance(runtime, user) == 0
+
+
+def _users_of_distinct_partitions(rt: Runtime, count: int) -> list[int]:
+    users: dict[str, int] = {}
+    while len(users) < count:
+        user = _user()
+        users.setdefault(partition(PartitionKind.USER, user, rt.settings.partitions), user)
+    return list(users.values())
+
+
+def test_a_batch_takes_every_partition_of_its_kind_each_in_commit_order(
+    runtime: Runtime,
+) -> None:
+    first, second = _users_of_distinct_partitions(runtime, 2)
+    jobs = [
+        _submit(runtime, JobKind.POINTS_CHARGE, userId=user, amount=amount)
+        for user, amount in ((first, 10), (second, 1), (first, 20), (second, 2), (first, 30))
+    ]
+    # Woken for one partition, the drain applies both, in one batch.
+    assert apply_next_batch(runtime, kind_queues(PartitionKind.USER, 16)) == 5
+    assert [_outcome(runtime, job_id).result for job_id, _ in jobs] == [
+        {"userId": first, "amount": 10},
+        {"userId": second, "amount": 1},
+        {"userId": first, "amount": 30},
+        {"userId": second, "amount": 3},
+        {"userId": first, "amount": 60},
+    ]
+
+
+def test_a_batch_locks_only_the_partitions_it_has_room_for(engine: Engine) -> None:
+    """Two drainers of one kind at once, on their own connections and committed rows:
+    the first locks the oldest partitions up to its batch size, the second takes the
+    next ones instead of waiting, and neither ever takes part of the other's."""
+    committed = sessionmaker(engine)
+    kind = f"drill{uuid.uuid4().hex[:8]}"  # a kind of its own: no other rows there
+    queues = [f"{kind}.{n}" for n in range(3)]
+    jobs = [
+        NewJob(uuid.uuid4(), JobKind.POINTS_CHARGE, queue, {"userId": 1, "amount": amount})
+        for queue in queues
+        for amount in (1, 2)
+    ]
+    with committed() as session, session.begin():
+        record_many(session, jobs)
+    try:
+        with contextlib.ExitStack() as drainers:
+            batches = []
+            for _ in range(3):
+                session = drainers.enter_context(committed())
+                drainers.enter_context(session.begin())
+                with engine.connect() as onlooker:  # a drain's look after its commit
+                    assert has_unheld_pending(onlooker, queues)
+                batches.append([j.id for j in lock_pending_batch(session, queues, 2)])
+            # All three are held now: a fourth drainer finds nothing it may take, and a
+            # look finds nothing left that their holders will not look at again.
+            with committed() as fourth, fourth.begin():
+                assert lock_pending_batch(fourth, queues, 2) == []
+            with engine.connect() as onlooker:
+                assert not has_unheld_pending(onlooker, queues)
+        assert batches == [[j.id for j in jobs[n : n + 2]] for n in (0, 2, 4)]
+    finally:
+        with committed() as session, session.begin():
+            session.execute(delete(Job).where(Job.partition.in_(queues)))
 
 
 @pytest.fixture

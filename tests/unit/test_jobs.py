@@ -208,7 +208,7 @@ def test_pending_batch_is_the_partitions_pending_jobs_in_commit_order(
     _fail(db_session, jobs[1], ErrorCode.INSUFFICIENT_POINTS, "no")
     queue = jobs[0].partition
     mine = {j.id for j in jobs}
-    batch = [j.id for j in lock_pending_batch(db_session, queue, 100) if j.id in mine]
+    batch = [j.id for j in lock_pending_batch(db_session, [queue], 100) if j.id in mine]
     assert batch == [jobs[0].id, jobs[2].id, jobs[3].id]
     assert lock_pending_job(db_session, queue, jobs[1].id) is None
     locked = lock_pending_job(db_session, queue, jobs[2].id)

@@ -250,7 +250,7 @@ def test_beat_makes_partitions_ahead_and_drops_old_ones(runtime: Runtime) -> Non
 
 # ---- the migration converts tables that hold rows ------------------------------------------
 
-PREVIOUS = "41d86260e91d"
+PREVIOUS = "6c1f0e2a9b7d"  # the revision before this one
 
 
 def _alembic(url: str) -> Config:
