@@ -762,6 +762,7 @@ def soak_run(run: Run) -> list[Row]:
         drain_s, violations = checks.wait_drained(run.pg.url, args.drain_timeout)
     finally:
         samples = sampler.stop()
+    row["sample_failures"] = sampler.failed
     violations += checks.check_invariants(
         run.pg.url,
         stock=STOCK,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import redis
 
 from bench import checks
@@ -42,7 +43,7 @@ GROWTH_ALLOWED = 1.15
 P99_ALLOWED = 1.20
 
 SIZES = """
-SELECT t.parent, c.oid, pg_table_size(c.oid), pg_indexes_size(c.oid),
+SELECT t.parent, c.oid, coalesce(pg_table_size(c.oid), 0), coalesce(pg_indexes_size(c.oid), 0),
        coalesce(s.n_dead_tup, 0), coalesce(s.autovacuum_count, 0),
        coalesce(s.autoanalyze_count, 0)
 FROM (SELECT 'jobs' AS parent, relid FROM pg_partition_tree('jobs') WHERE isleaf
@@ -98,6 +99,7 @@ class SoakSampler:
     pg_pid: int
     interval: float = 60.0
     samples: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
     _autovacuums: dict[int, tuple[int, int]] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -117,7 +119,10 @@ class SoakSampler:
         rd = redis.Redis.from_url(self.redis_url)
         with checks.connect(self.pg_url) as conn:
             while True:
-                self.samples.append(self.sample(conn, rd, time.monotonic() - started))
+                try:
+                    self.samples.append(self.sample(conn, rd, time.monotonic() - started))
+                except psycopg.Error as exc:  # e.g. a partition dropped under the sample
+                    self.failed.append(f"{time.monotonic() - started:.0f} s: {exc}")
                 if self._stop.wait(self.interval):
                     break
         rd.close()

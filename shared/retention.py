@@ -16,9 +16,9 @@ removed.  Delivered outbox rows are kept as long.
   row written while beat was away): nothing is ever refused for want of a partition.
 * ``drop_expired`` drops a partition once its upper bound and the newest
   ``finished_at`` (``delivered_at``) in it are both older than the retention and it
-  holds no PENDING job (undelivered outbox row).  The check and the drop run under the
-  partition's ACCESS EXCLUSIVE lock, so no row can change in between.  A partition
-  held back by a PENDING row is logged and counted on every run, never dropped.
+  holds no PENDING job (undelivered outbox row); the drop itself holds the parent's
+  ACCESS EXCLUSIVE lock for milliseconds (see ``drop_expired``).  A partition held
+  back by a PENDING row is logged and counted on every run, never dropped.
   With a job partition go its Idempotency-Keys (``job_idempotency_keys`` rows whose
   job id is in its range): a key lives exactly as long as its job, which is at least
   24 hours in production (the floor of ``JOB_RETENTION_HOURS``).
@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 PARTITIONS_AHEAD = 2
 # Two beats (or a beat and an operator) changing the partitions take turns.
 _LOCK_ID = 0x5E0B_0017
-# DDL gives up rather than queue (and queue every reader behind it); the next run retries.
-_LOCK_TIMEOUT = "2s"
+# DDL gives up rather than queue (and queue every reader behind it) for long; the next
+# run retries.  While a DROP or ATTACH waits for its lock, the statements that need the
+# table wait behind it: this bounds that stall.
+_LOCK_TIMEOUT = "500ms"
 _NAME = re.compile(r"^(jobs|outbox)_p[0-9]{14}$")
 # Rows of a default partition deleted per statement.
 DEFAULT_PURGE_BATCH = 5_000
@@ -252,29 +254,39 @@ class Dropped:
 
 
 def drop_expired(
-    session: Session, *, retention: dt.timedelta, now_ms: int | None = None
+    session: Session,
+    *,
+    retention: dt.timedelta,
+    now_ms: int | None = None,
+    tables: tuple[PartitionedTable, ...] = TABLES,
 ) -> Dropped:
-    """Drop every partition of ``jobs`` and ``outbox`` wholly past ``retention``.
+    """Drop every partition of ``tables`` wholly past ``retention``.
 
     A partition goes when its upper bound is older than the retention, it holds no
     PENDING job (undelivered outbox row) and its newest finish is older than the
     retention.  With a job partition go the Idempotency-Keys of its jobs.
+
+    Locks are taken as every query takes them, parent before partition, or a drop
+    would deadlock with the reads (a DROP of a partition takes ACCESS EXCLUSIVE on the
+    parent too).  The checks run first, without a strong lock: a partition with no
+    PENDING row can gain no newly finished row (a finished job never changes again,
+    and new ids are of later partitions), so under the parent's lock only the cheap
+    check that no PENDING row arrived is repeated.  The keys go before that lock (a
+    replay meanwhile makes a new job: the old one is past retention, so older than 24
+    hours), so the parent is held for the DROP alone: milliseconds, and at most
+    ``lock_timeout`` of waiting for it.
     """
     db_now = _begin_maintenance(session)
     now = db_now if now_ms is None else now_ms
     cutoff = now - retention.total_seconds() * 1000
     cutoff_at = dt.datetime.fromtimestamp(cutoff / 1000, dt.UTC)
     result = Dropped([], [], [])
-    for table in TABLES:
+    for table in tables:
+        due: list[Partition] = []
         for part in partitions_of(session, table):
             if part.upper_ms > cutoff:
                 continue
-            # From here on no row of it can change (nor a drain read it) until commit.
-            session.execute(text(f"LOCK TABLE {part.name} IN ACCESS EXCLUSIVE MODE"))
-            open_row = session.execute(
-                text(f"SELECT EXISTS (SELECT 1 FROM {part.name} WHERE {table.open_rows})")  # noqa: S608
-            ).scalar_one()
-            if open_row:
+            if _has_open_row(session, table, part):
                 result.held.append(part.name)
                 continue
             newest = session.execute(
@@ -283,7 +295,11 @@ def drop_expired(
             if newest is not None and newest >= cutoff_at:
                 result.waiting.append(part.name)
                 continue
-            if table is JOBS:
+            due.append(part)
+        if not due:
+            continue
+        if table is JOBS:
+            for part in due:
                 lower = (
                     uuid.UUID(int=0) if part.lower_ms == -math.inf else id_floor(int(part.lower_ms))
                 )
@@ -294,6 +310,11 @@ def drop_expired(
                     ),
                     {"lower": lower, "upper": id_floor(int(part.upper_ms))},
                 )
+        session.execute(text(f"LOCK TABLE ONLY {table.name} IN ACCESS EXCLUSIVE MODE"))
+        for part in due:
+            if _has_open_row(session, table, part):  # written since the check: keep it
+                result.held.append(part.name)
+                continue
             session.execute(text(f"DROP TABLE {part.name}"))
             result.dropped.append(part.name)
     if result.held:
@@ -302,6 +323,14 @@ def drop_expired(
             result.held,
         )
     return result
+
+
+def _has_open_row(session: Session, table: PartitionedTable, part: Partition) -> bool:
+    return bool(
+        session.execute(
+            text(f"SELECT EXISTS (SELECT 1 FROM {part.name} WHERE {table.open_rows})")  # noqa: S608
+        ).scalar_one()
+    )
 
 
 def purge_defaults(

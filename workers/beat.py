@@ -13,7 +13,7 @@ from shared.domain.orders import expire_order, list_expired_orders
 from shared.jobs import stale_partitions
 from shared.metrics import count_retention, count_swept
 from shared.partitions import HISTORY_QUEUE, kind_queues, queue_kind
-from shared.retention import drop_expired, ensure_partitions, purge_defaults
+from shared.retention import TABLES, drop_expired, ensure_partitions, purge_defaults
 from shared.table_partitions import ensure_month_partitions
 from workers.base import Effects, Runtime, after_commit, mark_products_pending
 
@@ -70,9 +70,12 @@ def keep_time_partitions(rt: Runtime) -> dict[str, list[str]]:
             outcome["created"] = ensure_partitions(
                 session, width_seconds=settings.job_partition_seconds
             )
-        with rt.session_factory() as session, session.begin():
-            dropped = drop_expired(session, retention=settings.job_retention)
-        outcome.update(dropped=dropped.dropped, held=dropped.held, waiting=dropped.waiting)
+        for table in TABLES:  # one transaction per table: one parent locked at a time
+            with rt.session_factory() as session, session.begin():
+                dropped = drop_expired(session, retention=settings.job_retention, tables=(table,))
+            outcome["dropped"] += dropped.dropped
+            outcome["held"] += dropped.held
+            outcome["waiting"] += dropped.waiting
         for _ in range(DEFAULT_PURGE_BATCHES):
             with rt.session_factory() as session, session.begin():
                 if purge_defaults(session, retention=settings.job_retention) == 0:
