@@ -51,9 +51,8 @@ depends_on: Union[str, Sequence[str], None] = None
 
 # As shared.retention.STORAGE (migrations import only models).
 STORAGE = (
-    "autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 20000,"
-    " autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 100000,"
-    " autovacuum_analyze_scale_factor = 0.02"
+    "autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_threshold = 10000,"
+    " autovacuum_vacuum_insert_scale_factor = 0.05, autovacuum_analyze_scale_factor = 0.02"
 )
 WIDTH_HOURS = 6
 AHEAD_WINDOWS = 16  # four days of six-hour partitions
