@@ -36,7 +36,7 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -253,6 +253,9 @@ class Dropped:
     held: list[str]
     # Past retention but with a row finished too recently: dropped on a later run.
     waiting: list[str]
+    # Per table: how long its parent's ACCESS EXCLUSIVE lock was waited for and held
+    # (until the drops were done; the commit follows at once).
+    locked_ms: dict[str, float] = field(default_factory=dict)
 
 
 def drop_expired(
@@ -312,6 +315,7 @@ def drop_expired(
                     ),
                     {"lower": lower, "upper": id_floor(int(part.upper_ms))},
                 )
+        started = time.monotonic()
         session.execute(text(f"LOCK TABLE ONLY {table.name} IN ACCESS EXCLUSIVE MODE"))
         for part in due:
             if _has_open_row(session, table, part):  # written since the check: keep it
@@ -319,6 +323,7 @@ def drop_expired(
                 continue
             session.execute(text(f"DROP TABLE {part.name}"))
             result.dropped.append(part.name)
+        result.locked_ms[table.name] = round((time.monotonic() - started) * 1000, 1)
     if result.held:
         log.warning(
             "partitions past retention kept for a PENDING job or undelivered outbox row: %s",

@@ -53,6 +53,8 @@ def relay_outbox(rt: Runtime) -> bool:
     return waiting
 
 
+# A drop that held (or waited for) its table's lock longer than this is logged as a warning.
+SLOW_LOCK_MS = 100.0
 # Batches of a default partition's rows deleted per run (5,000 rows each).
 DEFAULT_PURGE_BATCHES = 20
 
@@ -76,6 +78,11 @@ def keep_time_partitions(rt: Runtime) -> dict[str, list[str]]:
             outcome["dropped"] += dropped.dropped
             outcome["held"] += dropped.held
             outcome["waiting"] += dropped.waiting
+            for name, ms in dropped.locked_ms.items():
+                # Statements on the table queue behind the lock meanwhile: say when long.
+                (log.warning if ms > SLOW_LOCK_MS else log.info)(
+                    "%s: parent locked %.1f ms to drop partitions", name, ms
+                )
         for _ in range(DEFAULT_PURGE_BATCHES):
             with rt.session_factory() as session, session.begin():
                 if purge_defaults(session, retention=settings.job_retention) == 0:
