@@ -68,6 +68,16 @@ RATIOS: list[Column] = [
     col("met", "met"),
 ]
 
+SCALING: list[Column] = [
+    col("web processes", "web_processes"),
+    col("orders/s", "per_s"),
+    col("web ms/job", "web_ms", 3),
+    col("total ms/job", "total_ms", 3),
+    col("against", "against"),
+    ("CPU/job ratio", lambda r: fmt(r["cpu_ratio"], 2) + "x"),
+    ("not grown (<= 1.05x)", lambda r: fmt(r["met"])),
+]
+
 MIXED: list[Column] = [
     *NAME,
     col("offered/s", "offered_per_s"),
@@ -143,6 +153,7 @@ CPU: list[Column] = [
 SECTIONS: list[tuple[str, str, list[Column]]] = [
     ("closed", "Closed loop (wrk, one user per connection)", CLOSED),
     ("ratios", "Ratios: this service / straight design (closed loop)", RATIOS),
+    ("scaling", "Scaling with web processes (closed loop spread, Prefer: wait)", SCALING),
     ("mixed", "Open loop mixed, every job awaited (bench/loadgen.py)", MIXED),
     ("longpoll", "Long polls held (worker stopped; probe reads and order POSTs)", LONGPOLL),
     ("open", "Open loop, fire and forget (wrk, 64 connections)", OPEN),
@@ -152,7 +163,17 @@ SECTIONS: list[tuple[str, str, list[Column]]] = [
 ]
 
 
-TEXT_COLUMNS = {"scenario", "system", "client", "against", "target", "met", "note", "invariants"}
+TEXT_COLUMNS = {
+    "scenario",
+    "system",
+    "client",
+    "against",
+    "target",
+    "met",
+    "note",
+    "invariants",
+    "not grown (<= 1.05x)",
+}
 
 
 def md_table(columns: list[Column], rows: list[Row]) -> str:

@@ -73,6 +73,7 @@ SCENARIOS = (
     "open",
     "closed-spread",
     "closed-hot",
+    "web-scaling",
     "mixed",
     "longpoll",
     "reads",
@@ -565,6 +566,27 @@ def closed_stats(stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def closed_load(run: Run, url: str, lo: int, hi: int, *, users: int, prefer: str) -> dict[str, Any]:
+    """``users`` closed-loop users ordering single units of products ``lo``..``hi``."""
+    args = run.args
+    env = {
+        "PRODUCT_LO": str(lo),
+        "PRODUCT_HI": str(hi),
+        "PREFER_WAIT": prefer,
+        "POLL_WAIT": str(args.poll_wait),
+    }
+    return wrk(
+        url,
+        "closed.lua",
+        args.seconds,
+        env,
+        run.work,
+        threads=users,
+        connections=users,
+        timeout=max(args.prefer_wait, args.poll_wait) + 10,
+    )
+
+
 def closed_loop(run: Run, name: str) -> list[Row]:
     args = run.args
     if name == "closed-spread":
@@ -575,25 +597,6 @@ def closed_loop(run: Run, name: str) -> list[Row]:
         scenario, users = f"closed loop, {args.hot_users} users, 1 hot product", args.hot_users
         svc_lo = svc_hi = run.hot
         base_lo = base_hi = run.baseline_hot
-    timeout = max(args.prefer_wait, args.poll_wait) + 10
-
-    def load(url: str, lo: int, hi: int, prefer: str) -> dict[str, Any]:
-        env = {
-            "PRODUCT_LO": str(lo),
-            "PRODUCT_HI": str(hi),
-            "PREFER_WAIT": prefer,
-            "POLL_WAIT": str(args.poll_wait),
-        }
-        return wrk(
-            url,
-            "closed.lua",
-            args.seconds,
-            env,
-            run.work,
-            threads=users,
-            connections=users,
-            timeout=timeout,
-        )
 
     rows = []
     for model in args.models:
@@ -601,7 +604,7 @@ def closed_loop(run: Run, name: str) -> list[Row]:
         row: Row = {"section": "closed", "key": name, "scenario": scenario, "system": system}
         prefer = str(args.prefer_wait) if model == "prefer" else ""
         with run.measured(row, run.service_groups) as extra:
-            stats = load(run.base, svc_lo, svc_hi, prefer)
+            stats = closed_load(run, run.base, svc_lo, svc_hi, users=users, prefer=prefer)
             extra["generator"] = stats["generator_cpu_s"]
         row.update(client=model, users=users, **closed_stats(stats))
         rows.append(row)
@@ -613,12 +616,84 @@ def closed_loop(run: Run, name: str) -> list[Row]:
             system = f"straight design, {workers} sync workers"
             row = {"section": "closed", "key": name, "scenario": scenario, "system": system}
             with run.measured(row, groups) as extra:
-                stats = load(url, base_lo, base_hi, str(args.prefer_wait))
+                stats = closed_load(
+                    run, url, base_lo, base_hi, users=users, prefer=str(args.prefer_wait)
+                )
                 extra["generator"] = stats["generator_cpu_s"]
             row.update(client="one POST (200)", users=users, **closed_stats(stats))
             rows.append(row)
             print_progress(row)
     return rows
+
+
+def restart_web(run: Run, processes: int) -> None:
+    """The stack's gunicorn again, with ``processes`` workers (``WEB_CONCURRENCY``)."""
+    assert run.stack is not None
+    run.stack.kill("web", signal.SIGTERM)
+    run.stack.extra_env["WEB_CONCURRENCY"] = str(processes)
+    run.stack.start("web")
+    wait_idle([p.pid for p in run.stack.procs.values()])
+
+
+def web_scaling(run: Run) -> list[Row]:
+    """The closed-spread load (``Prefer: wait``) with each of ``--web-processes`` gunicorn
+    workers: a job's CPU must not grow with the web processes (each parses only the
+    outcomes of its own waiters)."""
+    args = run.args
+    users = args.spread_users
+    rows = []
+    try:
+        for processes in args.web_processes:
+            restart_web(run, processes)
+            scenario = f"closed loop, {users} users, 200 products, {processes} web processes"
+            row: Row = {
+                "section": "closed",
+                "key": "web-scaling",
+                "scenario": scenario,
+                "system": "this service",
+                "web_processes": processes,
+            }
+            with run.measured(row, run.service_groups) as extra:
+                stats = closed_load(
+                    run,
+                    run.base,
+                    run.spread[0],
+                    run.spread[-1],
+                    users=users,
+                    prefer=str(args.prefer_wait),
+                )
+                extra["generator"] = stats["generator_cpu_s"]
+            row.update(client="prefer", users=users, **closed_stats(stats))
+            rows.append(row)
+            print_progress(row)
+    finally:
+        restart_web(run, 2)
+    return rows
+
+
+def scaling_rows(rows: list[Row]) -> list[Row]:
+    """Per-job CPU of each web-scaling row against the fewest web processes measured."""
+    measured = [r for r in rows if r.get("key") == "web-scaling" and r.get("cpu_ms_per_job")]
+    if not measured:
+        return []
+    first = min(measured, key=lambda r: r["web_processes"])
+
+    def total(row: Row) -> float:
+        return float(sum(row["cpu_ms_per_job"].values()))
+
+    return [
+        {
+            "web_processes": r["web_processes"],
+            "per_s": r["per_s"],
+            "web_ms": r["cpu_ms_per_job"].get("web"),
+            "total_ms": total(r),
+            "against": f"{first['web_processes']} web processes",
+            "cpu_ratio": total(r) / total(first) if total(first) else float("nan"),
+            # Noise of a shared 2-core machine aside: 5 % more is "grown".
+            "met": total(r) <= total(first) * 1.05,
+        }
+        for r in measured
+    ]
 
 
 def ratios(rows: list[Row]) -> list[Row]:
@@ -1035,6 +1110,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="closed-loop clients: prefer (Prefer: wait, then polls), poll",
     )
     p.add_argument("--prefer-wait", type=int, default=5, help="Prefer: wait=N (default 5)")
+    p.add_argument(
+        "--web-processes",
+        type=csv(int),
+        default=[2, 4],
+        help="gunicorn workers of each web-scaling load (default 2,4)",
+    )
     p.add_argument("--poll-wait", type=int, default=5, help="GET /v1/jobs/{id}?wait=N (default 5)")
     p.add_argument(
         "--baseline-workers",
@@ -1159,6 +1240,8 @@ def plan(run: Run) -> list[tuple[str, Callable[[], list[Row]]]]:
             steps.append((name, lambda: open_loop(run)))
         elif name.startswith("closed-"):
             steps.append((name, lambda name=name: closed_loop(run, name)))
+        elif name == "web-scaling":
+            steps.append((name, lambda: web_scaling(run)))
         elif name == "mixed":
             steps.append((name, lambda: mixed(run)))
         elif name == "longpoll":
@@ -1248,6 +1331,7 @@ def main(argv: list[str] | None = None) -> int:
         "stack_env": stack_env(args),
     }
     rows = execute(args, stamp)
+    rows += [{"section": "scaling", **row} for row in scaling_rows(rows)]
     ratio_rows = ratios(rows)
     text = markdown(rows, ratio_rows, meta)
     (RESULTS / f"{stamp}.json").write_text(

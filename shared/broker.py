@@ -92,7 +92,6 @@ class WakeUpTemplates:
     def __init__(self, client: redis.Redis, publish: Callable[[str], None]) -> None:
         self._client = client
         self._publish = publish  # sends a wake-up of a queue through Celery
-        self._wake = client.register_script(_WAKE)
         self._templates: dict[str, tuple[str, str]] = {}
 
     def _template(self, queue: str) -> tuple[str, str]:
@@ -122,5 +121,7 @@ class WakeUpTemplates:
         for flag, queue in wake_ups:
             key, template = self._template(queue)
             message = template.replace(_ID, str(uuid.uuid4())).replace(_TAG, str(uuid.uuid4()))
-            self._wake(keys=[flag, key], args=[flag_seconds, message], client=pipe)
+            # EVAL, not a registered Script: on a pipeline, redis-py asks SCRIPT EXISTS
+            # before every execute (a round trip more); Redis caches the compiled body.
+            pipe.eval(_WAKE, 2, flag, key, flag_seconds, message)
         return [bool(sent) for sent in pipe.execute()]

@@ -77,8 +77,10 @@ class Settings:
     # Queue partitioning and the worker's batching (ARCHITECTURE rules 1 and 6).
     partitions: int = 16
     batch_size: int = 200
-    # Partitions one worker process drains at once (a thread each).
-    worker_threads: int = 2
+    # Drains one worker process runs at once (a thread each).  A drain takes every
+    # partition of its kind and goes on while it finds jobs, so one thread per partition
+    # kind (user, product, coupon) lets no kind wait behind another's run of batches.
+    worker_threads: int = 3
     # The history listener waits this long before a drain, so outbox rows arrive in batches.
     history_linger_ms: int = 200
     job_max_attempts: int = 3

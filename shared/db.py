@@ -27,6 +27,7 @@ def make_engine(
     url: str | None = None,
     pool_size: int | None = None,
     pre_ping: bool = True,
+    isolation_level: str = ISOLATION_LEVEL,
 ) -> Engine:
     """The process's engine for the primary (or ``url``, e.g. the replica).
 
@@ -40,7 +41,7 @@ def make_engine(
     )
     engine = create_engine(
         url or settings.sqlalchemy_url,
-        isolation_level=ISOLATION_LEVEL,
+        isolation_level=isolation_level,
         pool_size=pool_size or settings.db_pool_size,
         max_overflow=settings.db_pool_size,
         pool_pre_ping=pre_ping,

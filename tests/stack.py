@@ -27,7 +27,7 @@ COMMANDS: dict[str, list[str]] = {
         "--worker-class",
         "gevent",
         "--workers",
-        "2",
+        "%(web_processes)s",
         "--worker-connections",
         "10000",
         "--backlog",
@@ -92,12 +92,13 @@ class Stack:
     def start(self, name: str, *, worker_id: int | None = None) -> str:
         """Start process ``name``; returns its key in ``procs`` (``worker-<id>`` for a
         partition worker started with its own ``WORKER_ID``)."""
-        command = [part % {"tag": self.port} for part in COMMANDS[name]]
+        env = self.env()
+        values = {"tag": self.port, "web_processes": env.get("WEB_CONCURRENCY", "2")}
+        command = [part % values for part in COMMANDS[name]]
         if name == "web":
             command += ["--bind", f"127.0.0.1:{self.port}"]
         if name == "beat":
             command += [f"--schedule={self.log_dir / f'beat-{self.port}.db'}"]
-        env = self.env()
         key = name
         if worker_id is not None:
             env["WORKER_ID"] = str(worker_id)

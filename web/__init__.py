@@ -66,6 +66,11 @@ def create_app(
         # local setting: no round trip), so a connection lost to a database restart
         # is found, and the pool renewed, whichever path meets it first.
         app.extensions["autocommit_engine"] = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # The group commit of job rows writes one batch at a time per process, on a
+        # connection of its own, in autocommit (web.publish._write_batch).
+        app.extensions["job_writer_engine"] = make_engine(
+            settings, pool_size=1, pre_ping=False, isolation_level="AUTOCOMMIT"
+        )
         recheck = finished_documents(session_factory)
         app.extensions["primary_read_factory"] = make_session_factory(
             app.extensions["autocommit_engine"]

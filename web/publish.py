@@ -16,9 +16,11 @@ import time
 import uuid
 from typing import Any, Protocol
 
+import psycopg
 import pybreaker
 from celery import Celery
 from flask import Response, current_app, jsonify, request
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from shared.broker import TRANSPORT as BROKER_TRANSPORT
@@ -38,6 +40,7 @@ from shared.jobs import (
     partition_for_job,
     record,
     record_many,
+    record_many_on_cursor,
     task_for_queue,
     wake_key,
 )
@@ -214,14 +217,27 @@ def _write_batch(batch: list[NewJob]) -> list[JobRecord]:
     woken in one round trip.  Runs through the database breaker, in the request that
     writes the batch (``web.recording``)."""
     db_breaker: Breaker = current_app.extensions["db_breaker"]
+    writer: Engine | None = current_app.extensions.get("job_writer_engine")
 
     def insert() -> list[JobRecord]:
         connected = False
         try:
-            with autocommit() as connection:
-                connected = True
-                return record_many(connection, batch)
-        except DBAPIError as exc:
+            if writer is None:  # tests inject their own session factory
+                with autocommit() as connection:
+                    connected = True
+                    return record_many(connection, batch)
+            # Straight on the driver's cursor (a pool of one: the group commit has one
+            # batch in flight at a time); the pool still discards a dropped connection.
+            raw = writer.raw_connection()
+            connected = True
+            try:
+                return record_many_on_cursor(raw.cursor(), batch)
+            except psycopg.Error:
+                raw.invalidate()  # it may be broken: the next batch gets another
+                raise
+            finally:
+                raw.close()  # back to its pool
+        except (DBAPIError, psycopg.Error) as exc:
             raise _WriteFailed(connected) from exc
 
     jobs: list[JobRecord] = db_breaker.call(insert)

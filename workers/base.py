@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from redis.commands.core import Script
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -53,7 +52,6 @@ from shared.jobs import (
     JobOutcome,
     JobRecord,
     announce_finished,
-    announcer,
     count_attempt,
     finish_jobs,
     get_job,
@@ -137,7 +135,6 @@ class Runtime:
         self._autocommit: Engine | None = None
         self._coordination: redis.Redis | None = None
         self._broker_client: redis.Redis | None = None
-        self._announcer: Script | None = None
         self._cache: ProductCache | None = None
 
     @property
@@ -198,15 +195,6 @@ class Runtime:
             if self._broker_client is None:
                 self._broker_client = make_redis(self.settings.broker_url, timeout=2.0)
             return self._broker_client
-
-    @property
-    def announcer(self) -> Script:
-        """The script that tells waiting web processes their jobs' outcomes."""
-        client = self.broker  # (takes the lock itself)
-        with self._lock:
-            if self._announcer is None:
-                self._announcer = announcer(client)
-            return self._announcer
 
     def wake(self, queue: str) -> None:
         """Wake ``queue`` unless a wake-up is in flight.  Never call inside a transaction."""
@@ -427,7 +415,7 @@ def after_commit(rt: Runtime, effects: Effects) -> None:
         if effects.drained:
             note_drain(pipe, effects.drained)
         if effects.finished:
-            announce_finished(rt.announcer, pipe, effects.finished)
+            announce_finished(pipe, effects.finished)
         if effects.history:
             pipe.set(wake_key(HISTORY_QUEUE), 1, nx=True, ex=WAKE_FLAG_SECONDS)
         answers = pipe.execute()

@@ -107,22 +107,32 @@ def test_flower_shows_workers_queues_and_backlogs_behind_basic_auth(
     consumed = set(re.findall(r"\b((?:user|product|coupon)\.\d+)\b", page))
     assert consumed == set(all_partition_queues(PARTITIONS))
 
-    # No partition worker (and no sweeper re-sending): each job's one wake-up waits
-    # in its partition's queue.
+    # No partition worker (and no sweeper re-sending): each kind's one wake-up waits in
+    # the partition queue of the job that sent it; a second job of a kind, on another
+    # partition, sends none (its kind's wake-up is in flight: a drain takes every
+    # partition of the kind).
     rig.stack.kill("beat")
     rig.stack.kill("worker")
-    woken: set[str] = set()
-    for user in range(1, 200):
-        queue = partition(PartitionKind.USER, user, PARTITIONS)
-        if queue in woken:
-            continue
-        answer = requests.post(
-            f"{rig.base_url}/v1/points/charge", json={"userId": user, "amount": 5}, timeout=10
-        )
+    sends = [
+        ("/v1/points/charge", {"userId": 7, "amount": 5}, PartitionKind.USER, 7),
+        (
+            "/v1/orders",
+            {"userId": 7, "orderLines": [{"productId": 3, "quantity": 1}]},
+            PartitionKind.PRODUCT,
+            3,
+        ),
+        ("/v1/coupons/5/issue", {"userId": 7}, PartitionKind.COUPON, 5),
+    ]
+    woken = {partition(kind, key, PARTITIONS) for _, _, kind, key in sends}
+    second = next(
+        user
+        for user in range(8, 200)
+        if partition(PartitionKind.USER, user, PARTITIONS) not in woken
+    )
+    sends.append(("/v1/points/charge", {"userId": second, "amount": 5}, PartitionKind.USER, 0))
+    for path, body, _, _ in sends:
+        answer = requests.post(f"{rig.base_url}{path}", json=body, timeout=10)
         assert answer.status_code == 202, answer.text
-        woken.add(queue)
-        if len(woken) == 3:
-            break
     wait_until(lambda: all(rig.queued_messages().get(q) == 1 for q in woken), 30, "wake-ups queued")
 
     rows = broker_rows(dump_dom(flower.url("/broker"), tmp_path))

@@ -20,7 +20,7 @@ def test_from_env_converts_each_field() -> None:
             "JOB_MAX_ATTEMPTS": "5",
             "SWEEP_AFTER_SECONDS": "2.5",
             "WORKER_ID": "1",
-            "WORKER_THREADS": "3",
+            "WORKER_THREADS": "4",
             "RATE_LIMIT": "100 per minute",
             "LOG_LEVEL": "DEBUG",
             "ORDER_PAYMENT_TIMEOUT_SECONDS": "60",
@@ -33,7 +33,7 @@ def test_from_env_converts_each_field() -> None:
     assert (settings.partitions, settings.batch_size, settings.job_max_attempts) == (8, 50, 5)
     assert settings.sweep_after_seconds == 2.5
     assert isinstance(settings.sweep_after_seconds, float)
-    assert (settings.worker_id, settings.worker_threads) == (1, 3)
+    assert (settings.worker_id, settings.worker_threads) == (1, 4)
     assert settings.rate_limit == "100 per minute"
     assert settings.rate_limit_enabled
     assert settings.log_level == "DEBUG"
