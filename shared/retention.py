@@ -10,7 +10,8 @@ removed.  Delivered outbox rows are kept as long.
 * ``outbox`` is partitioned by range of ``created_at``.
 * Partitions are ``JOB_PARTITION_SECONDS`` wide, aligned on multiples of that width
   since the epoch, named ``<table>_pYYYYMMDDHHMMSS`` after their lower bound (UTC),
-  and made ``PARTITIONS_AHEAD`` widths ahead by beat (``ensure_partitions``).  Each
+  and made up to ``PARTITIONS_AHEAD`` widths ahead by beat (``ensure_partitions``;
+  never a range rows are already being routed into).  Each
   table also has ``<table>_default`` for a row no partition covers (a job id that is
   not time-ordered, such as the UUIDv4 ids of jobs accepted before this release, or a
   row written while beat was away): nothing is ever refused for want of a partition.
@@ -183,8 +184,16 @@ def ensure_partitions(
     ahead: int = PARTITIONS_AHEAD,
     now_ms: int | None = None,
 ) -> list[str]:
-    """Create the partitions of ``jobs`` and ``outbox`` from the current one to
-    ``ahead`` widths ahead, where missing; returns the names created.
+    """Create the partitions of ``jobs`` and ``outbox`` up to ``ahead`` widths ahead,
+    where missing; returns the names created.
+
+    Only ranges that start at least ``_margin_ms`` in the future: rows being written
+    now may be on their way into the default partition (a fresh database, beat away),
+    and an ATTACH of the range they belong to would make those inserts fail the default
+    partition's new constraint (they were routed before it).  So where the current
+    window has no partition, the first one made starts ``_margin_ms`` from now (a
+    partial window) and the rows of that gap stay in the default partition.  In the
+    steady state each window is made a width or more before it starts.
 
     Ranges already there are kept whatever their width (a changed
     ``JOB_PARTITION_SECONDS`` applies from the first gap on).  A partition is made as
@@ -197,7 +206,7 @@ def ensure_partitions(
     created: list[str] = []
     for table in TABLES:
         existing = partitions_of(session, table)
-        cursor = float(now - now % width)
+        cursor = float(math.ceil((now + _margin_ms(width)) / 1000) * 1000)
         end = now + ahead * width
         while cursor < end:
             covering = next((p for p in existing if p.covers(cursor)), None)
@@ -213,6 +222,11 @@ def ensure_partitions(
             created.append(made.name)
             cursor = upper
     return created
+
+
+def _margin_ms(width: float) -> float:
+    """How far ahead of now a new partition must start (``ensure_partitions``)."""
+    return min(60_000.0, width / 2)
 
 
 def partition_name(table: str, lower_ms: int) -> str:

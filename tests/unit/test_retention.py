@@ -44,6 +44,7 @@ MINUTE_MS = 60_000
 LONG_AGO_MS = int(dt.datetime(2021, 3, 4, 10, 0, tzinfo=dt.UTC).timestamp() * 1000)
 LATER_MS = int(dt.datetime(2091, 5, 17, 12, 0, tzinfo=dt.UTC).timestamp() * 1000)
 RETENTION = dt.timedelta(hours=72)
+_MARGIN_MS = 60_000  # a new partition starts at least this far ahead (a width of a day)
 # Tests of jobs leave the outbox alone (its lock may be busy with another test's stack).
 ONLY_JOBS = (JOBS,)
 
@@ -63,6 +64,12 @@ def _charge(session: Session, user: int, at_ms: int, scope: str | None = None) -
         request_hash=fingerprint("POST", "/v1/points/charge", payload) if scope else None,
         job_id=new_job_id(now_ms=at_ms),
     )
+
+
+def _make_partitions(session: Session, start_ms: int) -> None:
+    """Minute partitions from ``start_ms`` (a window) on, three of them, as beat makes
+    them a minute ahead."""
+    ensure_partitions(session, width_seconds=WIDTH, now_ms=start_ms - MINUTE_MS, ahead=4)
 
 
 def _holder(session: Session, job_id: uuid.UUID) -> str:
@@ -89,9 +96,13 @@ def test_job_ids_are_uuid7_and_carry_their_time() -> None:
 
 def test_partitions_are_made_ahead_once_and_rows_go_to_theirs(db_session: Session) -> None:
     created = ensure_partitions(db_session, width_seconds=WIDTH, now_ms=LATER_MS + 5_000)
-    names = [partition_name(t, LATER_MS + n * MINUTE_MS) for t in ("jobs", "outbox")
-             for n in range(PARTITIONS_AHEAD + 1)]  # fmt: skip
-    assert sorted(created) == sorted(names)
+    # Not the current window (rows may be on their way into the default partition): a
+    # partial one from half a width ahead, then whole ones.
+    assert sorted(created) == sorted(
+        partition_name(t, at)
+        for t in ("jobs", "outbox")
+        for at in (LATER_MS + 35_000, LATER_MS + MINUTE_MS, LATER_MS + 2 * MINUTE_MS)
+    )
     assert ensure_partitions(db_session, width_seconds=WIDTH, now_ms=LATER_MS + 5_000) == []
     # A wider setting later applies from the first gap on; ranges never overlap.
     wider = ensure_partitions(db_session, width_seconds=4 * WIDTH, now_ms=LATER_MS + 5_000)
@@ -104,19 +115,21 @@ def test_partitions_are_made_ahead_once_and_rows_go_to_theirs(db_session: Sessio
     assert all(hi <= next_lo for (_, hi), (next_lo, _) in itertools.pairwise(bounds))
     job = _charge(db_session, _user(), LATER_MS + MINUTE_MS + 7).job
     assert _holder(db_session, job.id) == partition_name("jobs", LATER_MS + MINUTE_MS)
+    now_job = _charge(db_session, _user(), LATER_MS + 6_000).job
+    assert _holder(db_session, now_job.id) == "jobs_default"
 
 
 def test_rows_written_before_their_partition_move_into_it(db_session: Session) -> None:
-    job = _charge(db_session, _user(), LATER_MS + 30_000).job
+    job = _charge(db_session, _user(), LATER_MS + MINUTE_MS + 30_000).job
     assert _holder(db_session, job.id) == "jobs_default"
     ensure_partitions(db_session, width_seconds=WIDTH, now_ms=LATER_MS)
-    assert _holder(db_session, job.id) == partition_name("jobs", LATER_MS)
+    assert _holder(db_session, job.id) == partition_name("jobs", LATER_MS + MINUTE_MS)
 
 
 def test_finished_partitions_past_retention_are_dropped_with_their_keys(
     db_session: Session,
 ) -> None:
-    ensure_partitions(db_session, width_seconds=WIDTH, now_ms=LONG_AGO_MS)
+    _make_partitions(db_session, LONG_AGO_MS)
     scope = f"POST /v1/points/charge {uuid.uuid4()}"
     old = _charge(db_session, _user(), LONG_AGO_MS + 10, scope).job
     _finish(db_session, old.id, dt.datetime.fromtimestamp(LONG_AGO_MS / 1000 + 30, dt.UTC))
@@ -144,7 +157,7 @@ def test_finished_partitions_past_retention_are_dropped_with_their_keys(
 def test_a_late_finish_keeps_its_partition_for_the_retention_after_it(
     db_session: Session,
 ) -> None:
-    ensure_partitions(db_session, width_seconds=WIDTH, now_ms=LONG_AGO_MS)
+    _make_partitions(db_session, LONG_AGO_MS)
     job = _charge(db_session, _user(), LONG_AGO_MS + 10).job
     finished = dt.datetime.fromtimestamp(LONG_AGO_MS / 1000, dt.UTC) + dt.timedelta(days=30)
     _finish(db_session, job.id, finished)
@@ -169,7 +182,7 @@ def test_a_pending_job_older_than_any_retention_is_kept_applied_and_read(
 ) -> None:
     user = _user()
     with runtime.session_factory() as session, session.begin():
-        ensure_partitions(session, width_seconds=WIDTH, now_ms=LONG_AGO_MS)
+        _make_partitions(session, LONG_AGO_MS)
         pending = _charge(session, user, LONG_AGO_MS + 10).job
         finished = _charge(session, _user(), LONG_AGO_MS + MINUTE_MS + 10).job
         _finish(session, finished.id, dt.datetime.fromtimestamp(LONG_AGO_MS / 1000 + 90, dt.UTC))
@@ -206,7 +219,7 @@ def test_a_pending_job_older_than_any_retention_is_kept_applied_and_read(
 def test_an_idempotency_key_replays_across_partition_boundaries(
     db_session: Session, client: FlaskClient
 ) -> None:
-    ensure_partitions(db_session, width_seconds=WIDTH, now_ms=LATER_MS)
+    _make_partitions(db_session, LATER_MS)
     scope = f"POST /v1/points/charge {uuid.uuid4()}"
     user = _user()
     first = _charge(db_session, user, LATER_MS + 10, scope)
@@ -232,7 +245,7 @@ def test_an_idempotency_key_replays_across_partition_boundaries(
 def test_outbox_partitions_go_only_once_delivered_and_past_retention(
     db_session: Session,
 ) -> None:
-    ensure_partitions(db_session, width_seconds=WIDTH, now_ms=LONG_AGO_MS)
+    _make_partitions(db_session, LONG_AGO_MS)
     at = dt.datetime.fromtimestamp(LONG_AGO_MS / 1000 + 5, dt.UTC)
     db_session.execute(
         text(
@@ -250,13 +263,13 @@ def test_outbox_partitions_go_only_once_delivered_and_past_retention(
 
 def test_beat_makes_partitions_ahead_and_drops_old_ones(runtime: Runtime) -> None:
     with runtime.session_factory() as session, session.begin():
-        ensure_partitions(session, width_seconds=WIDTH, now_ms=LONG_AGO_MS)
+        _make_partitions(session, LONG_AGO_MS)
     outcome = keep_time_partitions(runtime)
     width = runtime.settings.job_partition_seconds * 1000
     now_ms = dt.datetime.now(dt.UTC).timestamp() * 1000
     with runtime.session_factory() as session:
         jobs = partitions_of(session, JOBS)
-    assert any(p.covers(now_ms) for p in jobs)
+    assert any(p.covers(now_ms + 2 * _MARGIN_MS) for p in jobs)
     assert any(p.covers(now_ms + PARTITIONS_AHEAD * width - 1) for p in jobs)
     assert partition_name("jobs", LONG_AGO_MS) in outcome["dropped"]
     assert partition_name("outbox", LONG_AGO_MS) in outcome["dropped"]
@@ -329,7 +342,7 @@ def test_the_migration_converts_jobs_and_outbox_with_their_rows_and_back(
 
 
 def test_every_job_read_by_id_touches_one_partition(db_session: Session) -> None:
-    ensure_partitions(db_session, width_seconds=WIDTH, now_ms=LATER_MS)
+    _make_partitions(db_session, LATER_MS)
     job = _charge(db_session, _user(), LATER_MS + 10).job
     plan = "\n".join(
         db_session.execute(
