@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -271,8 +272,15 @@ def test_beat_makes_partitions_ahead_and_drops_old_ones(runtime: Runtime) -> Non
         jobs = partitions_of(session, JOBS)
     assert any(p.covers(now_ms + 2 * _MARGIN_MS) for p in jobs)
     assert any(p.covers(now_ms + PARTITIONS_AHEAD * width - 1) for p in jobs)
-    assert partition_name("jobs", LONG_AGO_MS) in outcome["dropped"]
-    assert partition_name("outbox", LONG_AGO_MS) in outcome["dropped"]
+    dropped = set(outcome["dropped"])
+    # A table whose lock is busy past lock_timeout (another test's stack reading the
+    # outbox) is left to the next run, as beat's next run would: run it again, within
+    # a deadline.
+    deadline = time.monotonic() + 30
+    wanted = {partition_name("jobs", LONG_AGO_MS), partition_name("outbox", LONG_AGO_MS)}
+    while not wanted <= dropped and time.monotonic() < deadline:
+        dropped |= set(keep_time_partitions(runtime)["dropped"])
+    assert wanted <= dropped
     assert keep_time_partitions(runtime)["created"] == []
 
 
