@@ -283,6 +283,15 @@ async def mixed(cfg: dict[str, Any]) -> dict[str, Any]:
     def within(at: list[float]) -> int:
         return sum(1 for t in at if t <= seconds)
 
+    # Completion latency per bucket of finishing time (the soak run's per-minute view).
+    by_bucket: list[dict[str, Any]] = []
+    bucket = cfg.get("bucket_seconds")
+    if bucket:
+        grouped: dict[int, list[float]] = {}
+        for at, latency in zip(done_at, complete_latency, strict=True):
+            grouped.setdefault(int(at // bucket), []).append(latency)
+        by_bucket = [{"from_s": k * bucket, **summary_ms(grouped[k])} for k in sorted(grouped)]
+
     jobs_offered = counts["order"] + counts["charge"] + counts["issue"] + counts["pay"]
     return {
         "offered_per_s": arrivals / seconds,
@@ -306,6 +315,7 @@ async def mixed(cfg: dict[str, Any]) -> dict[str, Any]:
         "resent_on_stale_connection": pool.resent,
         "generator_worst_lag_ms": round(worst_lag * 1e3, 1),
         "tail_s": round(tail, 2),
+        "completion_by_bucket": by_bucket,
     }
 
 

@@ -16,6 +16,8 @@ servers and measures, scenario by scenario (``--only`` picks some):
   every job awaited;
 * ``longpoll``: thousands of clients long-polling jobs that stay PENDING (the
   partition worker stopped) while product reads and job POSTs are timed;
+* ``soak`` (only when named): the mixed load for ``--soak-minutes`` with the
+  retention shortened, storage, vacuum and memory sampled (``bench/soak.py``);
 * ``reads``: product listings (the listing cache missed) and product details per
   second, from the stack's web (primary only) and from a second web whose lagging
   reads go to a streaming standby of the same primary, in the same run; then cached
@@ -57,7 +59,7 @@ from typing import Any
 import redis
 import requests
 
-from bench import auth_cost, checks
+from bench import auth_cost, checks, soak
 from bench.procstat import CpuMeter, run_measured, wait_idle, wait_measured
 from bench.report import fmt, markdown, plot, verdict
 from shared.config import Settings
@@ -78,7 +80,10 @@ SCENARIOS = (
     "longpoll",
     "reads",
     "auth",
+    "soak",
 )
+# Long: run only when named.
+NOT_BY_DEFAULT = ("soak",)
 MODELS = ("prefer", "poll")
 HOT_POINTS_USER = 900_000_001
 MIXED_USERS = (800_000_001, 800_010_000)
@@ -800,6 +805,83 @@ def mixed(run: Run) -> list[Row]:
     return rows
 
 
+# ---- soak: the mixed load for a long time, retention shortened --------------------------
+
+
+def soak_run(run: Run) -> list[Row]:
+    """``bench/soak.py``: the mixed load for ``--soak-minutes``, storage and memory sampled."""
+    args = run.args
+    seconds = args.soak_minutes * 60
+    row: Row = {
+        "section": "soak",
+        "scenario": f"soak: mixed {args.soak_rate:g} req/s offered for {args.soak_minutes:g} min",
+        "system": "this service",
+        "retention_s": args.soak_retention_minutes * 60,
+        "partition_s": args.soak_partition_seconds,
+    }
+    cfg = {
+        "base": run.base,
+        "rate": args.soak_rate,
+        "seconds": seconds,
+        "products": run.spread,
+        "coupons": run.coupons,
+        "charge_users": MIXED_USERS,
+        "prefer_wait": args.prefer_wait,
+        "poll_wait": args.poll_wait,
+        "give_up_after": args.give_up_after,
+        "max_in_flight": args.max_in_flight,
+        "seed": 17,
+        "bucket_seconds": 60,
+    }
+    sampler = soak.SoakSampler(run.pg.url, run.rd.url, run.pg_pid(), args.soak_sample_seconds)
+    sampler.start()
+    try:
+        result, cpu = loadgen("mixed", cfg, run.work)
+        drain_s, violations = checks.wait_drained(run.pg.url, args.drain_timeout)
+    finally:
+        samples = sampler.stop()
+    row["sample_failures"] = sampler.failed
+    violations += checks.check_invariants(
+        run.pg.url,
+        stock=STOCK,
+        service_ids=[run.hot, *run.spread],
+        other_ids=[],
+        with_jobs=False,  # finished jobs past the shortened retention are gone, as they should
+    )
+    verdict = soak.evaluate(
+        samples,
+        result["completion_by_bucket"],
+        retention_s=row["retention_s"],
+        width_s=row["partition_s"],
+        minutes=args.soak_minutes,
+    )
+    if verdict["storage_flat"] is False:
+        violations.append("storage kept growing after the retention window was full")
+    if verdict["p99_flat"] is False:
+        violations.append("completion p99 of the last minutes more than 20 % above the first")
+    row.update(
+        rate=args.soak_rate,
+        offered_per_s=result["offered_per_s"],
+        accepted_per_s=result["accepted_per_s"],
+        completed_per_s=result["completed_per_s"],
+        jobs_offered_per_s=result["jobs_offered"] / seconds,
+        completion_p50_ms=result["completion"]["p50_ms"],
+        completion_p99_ms=result["completion"]["p99_ms"],
+        read_p99_ms=result["read"]["p99_ms"],
+        errors=result["error_count"],
+        generator_lag_ms=result["generator_worst_lag_ms"],
+        drain_s=round(drain_s, 2),
+        generator_cpu_s=cpu,
+        by_minute=result["completion_by_bucket"],
+        samples=samples,
+        verdict=verdict,
+        violations=violations,
+        loadgen=result,
+    )
+    print_progress(row)
+    return [row]
+
+
 # ---- long polls held while reads and POSTs are timed -------------------------------------
 
 
@@ -1017,8 +1099,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         type=csv(str),
-        default=list(SCENARIOS),
-        help=f"comma list of scenarios: {','.join(SCENARIOS)} (default all)",
+        default=[s for s in SCENARIOS if s not in NOT_BY_DEFAULT],
+        help=f"comma list of scenarios: {','.join(SCENARIOS)} (default all but soak)",
     )
     p.add_argument("--seconds", type=int, default=15, help="wrk duration per load (default 15)")
     p.add_argument("--users", type=int, help="users of both closed-loop scenarios")
@@ -1093,6 +1175,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="seconds a load's jobs may take to drain before it is a violation",
     )
     p.add_argument("--noop-tasks", type=int, default=5000, help="Celery ceiling's tasks")
+    p.add_argument("--soak-minutes", type=float, default=30, help="soak: minutes of load (30)")
+    p.add_argument("--soak-rate", type=float, default=300, help="soak: offered req/s (300)")
+    p.add_argument(
+        "--soak-retention-minutes",
+        type=float,
+        default=5,
+        help="soak: JOB_RETENTION_HOURS of the stack, in minutes (default 5)",
+    )
+    p.add_argument(
+        "--soak-partition-seconds",
+        type=int,
+        default=60,
+        help="soak: JOB_PARTITION_SECONDS of the stack (default 60)",
+    )
+    p.add_argument(
+        "--soak-sample-seconds", type=float, default=60, help="soak: sampling interval (60)"
+    )
     p.add_argument(
         "--auth-requests", type=int, default=2000, help="auth: job POSTs per variant and round"
     )
@@ -1126,6 +1225,9 @@ def stack_env(args: argparse.Namespace) -> dict[str, str]:
         # No order may expire mid-run: the stock check counts every order not FAILED.
         "ORDER_PAYMENT_TIMEOUT_SECONDS": "86400",
     }
+    if "soak" in args.only:
+        env["JOB_RETENTION_HOURS"] = repr(args.soak_retention_minutes / 60)
+        env["JOB_PARTITION_SECONDS"] = str(args.soak_partition_seconds)
     for item in args.stack_env:
         name, _, value = item.partition("=")
         env[name] = value
@@ -1154,6 +1256,8 @@ def plan(run: Run) -> list[tuple[str, Callable[[], list[Row]]]]:
             steps.append((name, lambda: reads(run)))
         elif name == "auth":
             steps.append((name, lambda: auth(run)))
+        elif name == "soak":
+            steps.append((name, lambda: soak_run(run)))
     return steps
 
 
@@ -1252,6 +1356,9 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"{stamp}.json").write_text(
         json.dumps(strict({"meta": meta, "rows": rows, "ratios": ratio_rows}), indent=2)
     )
+    for row in (r for r in rows if r.get("section") == "soak"):
+        text += "\n\n" + soak.markdown(row)
+        soak.plot(row, RESULTS / f"{stamp}-soak.png")
     (RESULTS / f"{stamp}.md").write_text(text + "\n")
     plot(rows, RESULTS / f"{stamp}.png")
     print()

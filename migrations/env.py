@@ -24,9 +24,11 @@ target_metadata = Base.metadata
 
 # Not in the models, so left out of autogenerate and ``alembic check``: the monthly
 # partitions of the history tables (created by the migration and ahead by beat, see
-# shared.table_partitions) and the trigram index that exists only where the server
-# has pg_trgm.
-_PARTITION = re.compile(r"^(order_histories|point_histories)_(p[0-9]{6}|default)$")
+# shared.table_partitions), the time partitions of jobs and outbox (shared.retention)
+# and the trigram index that exists only where the server has pg_trgm.
+_PARTITION = re.compile(
+    r"^((order_histories|point_histories)_(p[0-9]{6}|default)|(jobs|outbox)_(p[0-9]{14}|default))$"
+)
 _OPTIONAL_INDEXES = frozenset({"ix_products_name_trgm"})
 
 

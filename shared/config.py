@@ -9,6 +9,7 @@ tests construct ``Settings(...)`` directly.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import enum
 import os
 import re
@@ -32,6 +33,9 @@ REDIS_DB_BROKER = 0  # Celery's queues, and each partition's wake flag beside it
 REDIS_DB_CACHE = 1
 REDIS_DB_LIMITER = 2
 REDIS_DB_COORDINATION = 3  # coupon sold-out markers (job notifications are pub/sub)
+
+# API.md: a finished job's document is kept at least 24 hours.
+MIN_JOB_RETENTION_HOURS = 24
 
 _RATE_LIMIT = re.compile(r"^\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?$", re.IGNORECASE)
 _SECRET_FIELDS = frozenset({"admin_token", "flower_basic_auth", "auth_jwt_secret"})
@@ -97,7 +101,17 @@ class Settings:
     rate_limit: str = "200/second"
     max_wait_seconds: int = 30
     max_body_bytes: int = 64 * 1024
-    idempotency_ttl_seconds: int = 24 * 3600
+
+    # Data over time (README "Data over time"): a finished job's document is kept at
+    # least this long after it finished (API.md: default 72, at least 24); delivered
+    # outbox rows as long.  Fractions of an hour (the soak run's minutes) only outside
+    # production.  Idempotency-Keys live exactly as long as their job.
+    job_retention_hours: float = 72.0
+    # Width of one time partition of ``jobs`` and ``outbox``: rows go away a partition
+    # at a time, so storage holds at most retention + one width.  A day keeps the
+    # partitions few (reads that cannot prune get slower with their number: README,
+    # "Data over time").  Below an hour only outside production.
+    job_partition_seconds: int = 24 * 3600
 
     # Product read cache (ARCHITECTURE rule 5).
     cache_ttl_seconds: int = 600
@@ -198,6 +212,7 @@ class Settings:
             raise ConfigError("ORDER_PAYMENT_TIMEOUT_SECONDS must be at least 1")
         if not 1 <= self.top_sellers_cache_seconds <= 60:
             raise ConfigError("TOP_SELLERS_CACHE_SECONDS must be in 1..60")
+        self._check_retention()
         self._check_replicas()
         if self.rate_limit.lower() != "off" and not _RATE_LIMIT.match(self.rate_limit):
             raise ConfigError(
@@ -261,6 +276,24 @@ class Settings:
             raise ConfigError("TCP_KEEPALIVE_COUNT must be at least 1")
         if self.tcp_user_timeout_ms < 0:
             raise ConfigError("TCP_USER_TIMEOUT_MS must not be negative (0: the OS default)")
+
+    def _check_retention(self) -> None:
+        production = self.app_env is AppEnv.PRODUCTION
+        if not self.job_retention_hours > 0:
+            raise ConfigError("JOB_RETENTION_HOURS must be positive")
+        if production and self.job_retention_hours < MIN_JOB_RETENTION_HOURS:
+            raise ConfigError(
+                f"JOB_RETENTION_HOURS must be at least {MIN_JOB_RETENTION_HOURS} (API.md)"
+                " when APP_ENV=production"
+            )
+        if self.job_partition_seconds < 10:
+            raise ConfigError("JOB_PARTITION_SECONDS must be at least 10")
+        if production and self.job_partition_seconds < 3600:
+            raise ConfigError("JOB_PARTITION_SECONDS must be at least 3600 when APP_ENV=production")
+
+    @property
+    def job_retention(self) -> dt.timedelta:
+        return dt.timedelta(hours=self.job_retention_hours)
 
     def _check_replicas(self) -> None:
         if self.replica_max_lag_ms < 0:

@@ -23,6 +23,7 @@ import redis
 from sqlalchemy import (
     Connection,
     DateTime,
+    Insert,
     Row,
     String,
     Table,
@@ -35,13 +36,14 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
 from sqlalchemy.orm import Session
 
 from shared.domain.errors import ErrorCode
 from shared.formats import rfc3339
-from shared.models import Job
+from shared.models import Job, JobIdempotencyKey
 from shared.partitions import HISTORY_QUEUE, PartitionKind, partition
+from shared.retention import new_job_id
 
 
 class JobKind(enum.StrEnum):
@@ -144,7 +146,7 @@ def fingerprint(method: str, path: str, payload: dict[str, Any]) -> str:
 
 
 _jobs = cast(Table, Job.__table__)
-# Only what the server makes: the rest of a new row is what the caller gave.
+_keys = cast(Table, JobIdempotencyKey.__table__)
 # Each job INSERT carries its writer's deadline: a server that receives the statement
 # later (it was frozen, or cut off, with the statement in its socket buffer or in
 # retransmission) writes nothing, so a request that gave up waiting and answered 503
@@ -152,18 +154,43 @@ _jobs = cast(Table, Job.__table__)
 # statement_timestamp() is when the server received the statement: one value for all
 # of its rows.
 NO_DEADLINE = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
-_INSERT_ONCE = text(
-    """
-    INSERT INTO jobs (id, kind, partition, payload, idempotency_key, request_hash, reply_to,
-                      user_id)
-    SELECT CAST(:id AS uuid), :kind, :partition, CAST(:payload AS jsonb), :idempotency_key,
-           :request_hash, :reply_to, CAST(:user_id AS bigint)
-    WHERE statement_timestamp() < CAST(:deadline AS timestamptz)
-    ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING seq, created_at
-    """
-)
 _SELECT = select(*_jobs.c)
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_once(columns: tuple[str, ...]) -> Insert:
+    """The job row of ``columns`` (bound by name), written only if its Idempotency-Key
+    was not taken: one statement.
+
+    The key's uniqueness across the time partitions of ``jobs`` is the primary key of
+    ``job_idempotency_keys``: its ``ON CONFLICT DO NOTHING`` waits for a concurrent
+    writer of the same key, and when the key is taken no job row is written.  Only
+    what the server makes comes back; the rest of a new row is what the caller gave.
+    """
+    key = (
+        insert(_keys)
+        .from_select(
+            ["key", "job_id"],
+            select(
+                bindparam("idempotency_key", type_=_keys.c.key.type),
+                bindparam("id", type_=_keys.c.job_id.type),
+            ).where(
+                func.statement_timestamp() < bindparam("deadline", type_=DateTime(timezone=True))
+            ),
+        )
+        .on_conflict_do_nothing(index_elements=["key"])
+        .returning(_keys.c.job_id)
+        .cte("key")
+    )
+    values = select(*(bindparam(c, type_=_jobs.c[c].type) for c in columns)).select_from(key)
+    return (
+        insert(_jobs).from_select(list(columns), values).returning(_jobs.c.seq, _jobs.c.created_at)
+    )
+
+
+_KEYED_JOB = _SELECT.where(
+    _jobs.c.id == select(_keys.c.job_id).where(_keys.c.key == bindparam("key")).scalar_subquery()
+)
 
 # ``position.ahead`` is exact up to this many jobs (API.md), then this number.
 POSITION_CAP = 10_000
@@ -274,7 +301,7 @@ def record(
     after ``deadline`` writes nothing (``WrittenTooLate``).
     """
     new = NewJob(
-        job_id or uuid.uuid4(),
+        job_id or new_job_id(),
         kind,
         partition_for_job(kind, payload, partitions),
         payload,
@@ -294,14 +321,12 @@ def record(
         "user_id": user_id,
     }
     inserted = executor.execute(
-        _INSERT_ONCE, values | {"payload": json.dumps(payload), "deadline": deadline}
+        _insert_once(tuple(values)), values | {"deadline": deadline}
     ).one_or_none()
     if inserted is not None:
         return Recorded(_new_record(values, *inserted), created=True)
-    found = executor.execute(
-        _SELECT.where(_jobs.c.idempotency_key == idempotency_scope)
-    ).one_or_none()
-    if found is None:  # no conflict: the statement came after its deadline
+    found = executor.execute(_KEYED_JOB, {"key": idempotency_scope}).one_or_none()
+    if found is None:  # no key taken: the statement came after its deadline
         raise WrittenTooLate(str(new.id))
     existing = _record_of(found)
     if existing.request_hash != request_hash:
@@ -707,16 +732,6 @@ def stale_partitions(session: Session, older_than: dt.timedelta) -> list[str]:
             .distinct()
         ).scalars()
     )
-
-
-def purge_idempotency_keys(session: Session, older_than: dt.timedelta) -> int:
-    """Forget Idempotency-Keys older than the retention (API.md: at least 24 hours)."""
-    result = session.execute(
-        update(_jobs)
-        .where(_jobs.c.idempotency_key.is_not(None), _jobs.c.created_at < func.now() - older_than)
-        .values(idempotency_key=None)
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]  # CursorResult of an UPDATE
 
 
 # ---- telling waiting web processes ------------------------------------------------

@@ -75,6 +75,13 @@ SWEEPER_WAKEUPS = Counter(
     "Partitions woken again by the sweeper (a job PENDING longer than SWEEP_AFTER_SECONDS)",
     ["kind"],
 )
+RETENTION_PARTITIONS = Counter(
+    "shop_retention_partitions",
+    "Time partitions of jobs and outbox seen by the retention task, by outcome: created,"
+    " dropped, held (past retention but holding a PENDING job or an undelivered outbox"
+    " row: never dropped, so this one growing means a job is stuck)",
+    ["table", "outcome"],
+)
 
 # ---- caches (web) -------------------------------------------------------------
 
@@ -155,6 +162,11 @@ def draining(queue: str) -> Iterator[None]:
 def count_swept(queues: Iterable[str]) -> None:
     for kind, n in Tally(kind_of_queue(q) for q in queues).items():
         SWEEPER_WAKEUPS.labels(kind).inc(n)
+
+
+def count_retention(outcome: str, partitions: Iterable[str]) -> None:
+    for table, n in Tally(p.split("_p", 1)[0] for p in partitions).items():
+        RETENTION_PARTITIONS.labels(table, outcome).inc(n)
 
 
 def count_cache_lookup(cache: str, *, hit: bool) -> None:

@@ -181,12 +181,15 @@ class Outbox(Base):
             "id",
             postgresql_where=text("delivered_at IS NULL"),
         ),
+        # Time partitions dropped whole once delivered and past retention
+        # (shared.retention); the key must contain created_at.
+        {"postgresql_partition_by": "RANGE (created_at)"},
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     order_id: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(20))
-    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW, primary_key=True)
     delivered_at: Mapped[dt.datetime | None] = mapped_column()
 
 
@@ -305,15 +308,15 @@ class Job(Base):
             "seq",
             postgresql_where=text("status = 'PENDING'"),
         ),
-        Index(
-            "ix_jobs_idempotency_created_at",
-            "created_at",
-            postgresql_where=text("idempotency_key IS NOT NULL"),
-        ),
+        # Partitioned by range of the time-ordered id (UUIDv7, shared.retention): a read
+        # by id touches one partition, and old partitions are dropped whole.
+        {"postgresql_partition_by": "RANGE (id)"},
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
-    seq: Mapped[int] = mapped_column(BigInteger, Identity(), unique=True)
+    # Commit order within a queue; from one sequence, so unique without a unique index
+    # (which would have to contain the partition key).
+    seq: Mapped[int] = mapped_column(BigInteger, Identity())
     kind: Mapped[str] = mapped_column(String(20))
     partition: Mapped[str] = mapped_column(String(40))
     payload: Mapped[dict[str, Any]] = mapped_column()
@@ -321,7 +324,8 @@ class Job(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column()
     error: Mapped[dict[str, Any] | None] = mapped_column()
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
-    idempotency_key: Mapped[str | None] = mapped_column(String(300), unique=True)
+    # Unique across partitions through ``job_idempotency_keys`` (JobIdempotencyKey).
+    idempotency_key: Mapped[str | None] = mapped_column(String(300))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(server_default=NOW)
     finished_at: Mapped[dt.datetime | None] = mapped_column()
@@ -329,3 +333,16 @@ class Job(Base):
     reply_to: Mapped[str | None] = mapped_column(String(100))
     # Whose job it is (AUTH_MODE=jwt: only they and admins read its status); None: admin's.
     user_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class JobIdempotencyKey(Base):
+    """One row per Idempotency-Key scope in use: the key that holds across the time
+    partitions of ``jobs``.  Written with its job in one statement
+    (``shared.jobs.record``); removed with the partition that held the job
+    (``shared.retention``), so a key lives exactly as long as its job."""
+
+    __tablename__ = "job_idempotency_keys"
+    __table_args__ = (Index("ix_job_idempotency_keys_job_id", "job_id"),)
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))

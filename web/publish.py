@@ -47,6 +47,7 @@ from shared.jobs import (
     wake_key,
 )
 from shared.metrics import count_accepted
+from shared.retention import new_job_id
 from web.api import settings
 from web.breaker import Breaker
 from web.errors import ApiError, unavailable, validation_error
@@ -359,7 +360,7 @@ def accept_job(kind: JobKind, payload: dict[str, Any]) -> Response:
     wait = preferred_wait()
     started = time.monotonic()
     _ensure_broker_reachable(broker_breaker, publisher)
-    job_id = uuid.uuid4()
+    job_id = new_job_id()  # time-ordered: it names the partition that holds the job
     # The row names this process's channel: the worker that finishes it tells only us.
     reply_to = waiters.channel if wait else None
     with waiters.waiting(str(job_id)) if wait else contextlib.nullcontext() as waiter:

@@ -29,7 +29,7 @@ from workers.base import RetryLater, Runtime, drain_partition
 MAINTENANCE_QUEUE = "maintenance"
 SWEEP_TASK = "maintenance.sweep"
 RELAY_TASK = "maintenance.relay_outbox"
-PURGE_TASK = "maintenance.purge_idempotency_keys"
+RETENTION_TASK = "maintenance.keep_time_partitions"
 EXPIRE_TASK = "maintenance.expire_unpaid_orders"
 PARTITIONS_TASK = "maintenance.create_history_partitions"
 
@@ -42,6 +42,12 @@ _RETRY_POLICY: dict[str, Any] = {
     "retry_jitter": True,
     "max_retries": 30,
 }
+
+
+def retention_interval(settings: Settings) -> float:
+    """How often beat runs the retention task: a quarter of a partition's width, at most
+    a minute."""
+    return min(60.0, settings.job_partition_seconds / 4)
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -115,10 +121,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "schedule": 3600.0,
                 "options": {"queue": MAINTENANCE_QUEUE, "expires": 600.0},
             },
-            "purge-idempotency-keys": {
-                "task": PURGE_TASK,
-                "schedule": 3600.0,
-                "options": {"queue": MAINTENANCE_QUEUE, "expires": 600.0},
+            # Partitions ahead and past retention (shared.retention): several times per
+            # partition width, at most a minute apart, so a partition is dropped soon
+            # after it may be and one is always made well ahead.
+            "keep-time-partitions": {
+                "task": RETENTION_TASK,
+                "schedule": retention_interval(settings),
+                "options": {"queue": MAINTENANCE_QUEUE, "expires": retention_interval(settings)},
             },
         },
     )
@@ -130,6 +139,15 @@ def make_celery(settings: Settings | None = None) -> Celery:
         _log_as_json(app, settings)
     if settings.beat_heartbeat_file:
         _beat_heartbeat(Path(settings.beat_heartbeat_file))
+
+    def retention_at_start(sender: Any, **_kwargs: Any) -> None:
+        # Beat's first interval run comes one interval after it starts: make this
+        # window's partitions now, so rows of a fresh database go to them at once.
+        if getattr(sender, "app", None) is app:
+            app.send_task(RETENTION_TASK, queue=MAINTENANCE_QUEUE)
+
+    signals.beat_init.connect(retention_at_start, weak=False)
+
     runtime = Runtime(settings, send)
     app.conf.shop_runtime = runtime
     _register_tasks(app, runtime)
@@ -220,9 +238,9 @@ def _register_tasks(app: Celery, runtime: Runtime) -> None:
     def create_partitions() -> list[str]:
         return beat.create_history_partitions(runtime)
 
-    @app.task(name=PURGE_TASK, ignore_result=True)
-    def purge() -> int:
-        return beat.purge_expired_idempotency_keys(runtime)
+    @app.task(name=RETENTION_TASK, ignore_result=True)
+    def keep_time_partitions() -> dict[str, list[str]]:
+        return beat.keep_time_partitions(runtime)
 
 
 def runtime_of(app: Celery) -> Runtime:

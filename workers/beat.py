@@ -1,5 +1,5 @@
-"""Periodic jobs run by beat: the sweeper, the outbox relay, the idempotency purge,
-the expiry of unpaid orders, the history tables' monthly partitions."""
+"""Periodic jobs run by beat: the sweeper, the outbox relay, the retention of jobs and
+outbox rows, the expiry of unpaid orders, the history tables' monthly partitions."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from sqlalchemy.exc import DBAPIError
 
 from shared.domain.history import has_undelivered_outbox
 from shared.domain.orders import expire_order, list_expired_orders
-from shared.jobs import purge_idempotency_keys, stale_partitions
-from shared.metrics import count_swept
+from shared.jobs import stale_partitions
+from shared.metrics import count_retention, count_swept
 from shared.partitions import HISTORY_QUEUE, kind_queues, queue_kind
+from shared.retention import TABLES, drop_expired, ensure_partitions, purge_defaults
 from shared.table_partitions import ensure_month_partitions
 from workers.base import Effects, Runtime, after_commit, mark_products_pending
 
@@ -52,11 +53,47 @@ def relay_outbox(rt: Runtime) -> bool:
     return waiting
 
 
-def purge_expired_idempotency_keys(rt: Runtime) -> int:
-    with rt.session_factory() as session, session.begin():
-        return purge_idempotency_keys(
-            session, dt.timedelta(seconds=rt.settings.idempotency_ttl_seconds)
-        )
+# A drop that held (or waited for) its table's lock longer than this is logged as a warning.
+SLOW_LOCK_MS = 100.0
+# Batches of a default partition's rows deleted per run (5,000 rows each).
+DEFAULT_PURGE_BATCHES = 20
+
+
+def keep_time_partitions(rt: Runtime) -> dict[str, list[str]]:
+    """The retention of ``jobs`` and ``outbox`` (``shared.retention``): make partitions
+    ahead, drop the ones wholly past ``JOB_RETENTION_HOURS`` (with their jobs'
+    Idempotency-Keys), then delete a few batches of old rows from the default
+    partitions.  Each step in its own short transaction; a step that cannot take its
+    locks in time (``lock_timeout``) is left to the next run."""
+    settings = rt.settings
+    outcome: dict[str, list[str]] = {"created": [], "dropped": [], "held": [], "waiting": []}
+    try:
+        with rt.session_factory() as session, session.begin():
+            outcome["created"] = ensure_partitions(
+                session, width_seconds=settings.job_partition_seconds
+            )
+        for table in TABLES:  # one transaction per table: one parent locked at a time
+            with rt.session_factory() as session, session.begin():
+                dropped = drop_expired(session, retention=settings.job_retention, tables=(table,))
+            outcome["dropped"] += dropped.dropped
+            outcome["held"] += dropped.held
+            outcome["waiting"] += dropped.waiting
+            for name, ms in dropped.locked_ms.items():
+                # Statements on the table queue behind the lock meanwhile: say when long.
+                (log.warning if ms > SLOW_LOCK_MS else log.info)(
+                    "%s: parent locked %.1f ms to drop partitions", name, ms
+                )
+        for _ in range(DEFAULT_PURGE_BATCHES):
+            with rt.session_factory() as session, session.begin():
+                if purge_defaults(session, retention=settings.job_retention) == 0:
+                    break
+    except DBAPIError as exc:  # the database is away or a lock wait ran out: next run
+        log.warning("retention step not done: %s", exc)
+    for name in ("created", "dropped", "held"):
+        count_retention(name, outcome[name])
+    if outcome["created"] or outcome["dropped"]:
+        log.info("time partitions created %s, dropped %s", outcome["created"], outcome["dropped"])
+    return outcome
 
 
 def create_history_partitions(rt: Runtime) -> list[str]:

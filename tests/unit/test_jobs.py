@@ -30,7 +30,6 @@ from shared.jobs import (
     lock_pending_batch,
     lock_pending_job,
     partition_for_job,
-    purge_idempotency_keys,
     record,
     stale_partitions,
     task_for_queue,
@@ -168,46 +167,6 @@ def test_every_job_kind_has_a_partition_kind_and_its_queues_a_drain_task() -> No
     for queue in all_partition_queues(COUNT):
         assert task_for_queue(queue) == DRAIN_TASK
     assert task_for_queue(HISTORY_QUEUE) == HISTORY_TASK
-
-
-def test_purge_forgets_only_keys_past_retention(db_session: Session) -> None:
-    old_scope, new_scope = _scope(), _scope()
-    digest = fingerprint("POST", "/v1/points/charge", CHARGE)
-    old = record(
-        db_session,
-        kind=JobKind.POINTS_CHARGE,
-        payload=CHARGE,
-        partitions=COUNT,
-        idempotency_scope=old_scope,
-        request_hash=digest,
-    ).job
-    new = record(
-        db_session,
-        kind=JobKind.POINTS_CHARGE,
-        payload=CHARGE,
-        partitions=COUNT,
-        idempotency_scope=new_scope,
-        request_hash=digest,
-    ).job
-    _age(db_session, old.id, dt.timedelta(hours=25))
-    assert purge_idempotency_keys(db_session, dt.timedelta(hours=24)) >= 1
-    old_row, new_row = get_job(db_session, old.id), get_job(db_session, new.id)
-    assert old_row is not None
-    assert new_row is not None
-    assert old_row.idempotency_key is None
-    assert old_row.status == JobStatus.PENDING.value  # the job itself stays
-    assert new_row.idempotency_key == new_scope
-    # A forgotten key is free again.
-    reused = record(
-        db_session,
-        kind=JobKind.POINTS_CHARGE,
-        payload=CHARGE,
-        partitions=COUNT,
-        idempotency_scope=old_scope,
-        request_hash=digest,
-    )
-    assert reused.created
-    assert reused.job.id != old.id
 
 
 def test_stale_partitions_are_those_with_an_old_pending_job(db_session: Session) -> None:
