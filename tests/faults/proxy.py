@@ -121,21 +121,34 @@ class CommitCutter:
                             return  # the COMMIT never arrives: the server rolls back
                         state["cut"] = where == "after"
                         state["matched"] = state["in_transaction"] = False
-                    elif self._statement in reader.statement(kind, body):
-                        if state["in_transaction"]:
-                            state["matched"] = True
-                            continue
-                        # Autocommit (web's job INSERT): the statement is its own COMMIT.
-                        where = self._take()
-                        if where == "before":
+                    elif kind in b"PB" and self._statement in reader.statement(kind, body):
+                        # Parsed or bound now, run by the Execute that follows: psycopg
+                        # prepares a statement it runs often with a Parse of its own
+                        # (and a Sync), which runs nothing and must not be taken for it.
+                        state["bound"] = True
+                    elif (kind == b"E" and state.pop("bound", False)) or (
+                        kind == b"Q" and self._statement in body
+                    ):
+                        if self._run(state) == "before":
                             return  # never sent: nothing is committed
-                        state["cut"] = where == "after"
+                    elif kind == b"S":
+                        state.pop("bound", None)
                 server.sendall(data)
         except OSError:
             pass
         finally:
             _close(server)
             _close(client)
+
+    def _run(self, state: dict[str, bool]) -> str | None:
+        """The statement runs: in a transaction it marks the COMMIT to come; in
+        autocommit (web's job INSERT) it is its own COMMIT, cut here if armed."""
+        if state["in_transaction"]:
+            state["matched"] = True
+            return None
+        where = self._take()
+        state["cut"] = where == "after"
+        return where
 
     def _downstream(
         self, client: socket.socket, server: socket.socket, state: dict[str, bool]

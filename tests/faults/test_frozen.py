@@ -69,10 +69,11 @@ REDIS_FROZEN_POST_BOUND = 3.0
 PREFER_WAIT = 3
 
 
-def _freeze_a_drainer(rig: Rig, keys: list[str], tries: int = 10) -> tuple[str, int, int, float]:
+def _freeze_a_drainer(rig: Rig, keys: list[str], tries: int = 50) -> tuple[str, int, int, float]:
     """SIGSTOP a worker caught inside a drain transaction; returns (key, pid, backend,
     frozen at).  A worker that committed between being seen and being stopped holds
-    nothing: it is resumed and another is tried."""
+    nothing: it is resumed and another is tried (drains of a few jobs last milliseconds,
+    so on a busy machine many tries may miss)."""
     for _ in range(tries):
         drainer = find_drainer(rig, keys, timeout=20)
         assert drainer is not None, "no worker seen inside a drain"
