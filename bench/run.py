@@ -748,6 +748,24 @@ def ratios(rows: list[Row]) -> list[Row]:
 # ---- open loop mixed, every job awaited --------------------------------------------------
 
 
+def mixed_config(run: Run, rate: float, seconds: float, *, seed: int) -> dict[str, Any]:
+    """``bench.loadgen``'s mixed load at ``rate`` requests/s for ``seconds``."""
+    args = run.args
+    return {
+        "base": run.base,
+        "rate": rate,
+        "seconds": seconds,
+        "products": run.spread,
+        "coupons": run.coupons,
+        "charge_users": MIXED_USERS,
+        "prefer_wait": args.prefer_wait,
+        "poll_wait": args.poll_wait,
+        "give_up_after": args.give_up_after,
+        "max_in_flight": args.max_in_flight,
+        "seed": seed,
+    }
+
+
 def mixed(run: Run) -> list[Row]:
     args, rows = run.args, []
     for rate in args.mixed_rates:
@@ -757,19 +775,7 @@ def mixed(run: Run) -> list[Row]:
             "system": "this service",
             "rate": rate,
         }
-        cfg = {
-            "base": run.base,
-            "rate": rate,
-            "seconds": args.mixed_seconds,
-            "products": run.spread,
-            "coupons": run.coupons,
-            "charge_users": MIXED_USERS,
-            "prefer_wait": args.prefer_wait,
-            "poll_wait": args.poll_wait,
-            "give_up_after": args.give_up_after,
-            "max_in_flight": args.max_in_flight,
-            "seed": int(rate),
-        }
+        cfg = mixed_config(run, rate, args.mixed_seconds, seed=int(rate))
         sampler = checks.BacklogSampler(run.pg.url)
         at_end: dict[str, int] = {}
 
@@ -819,20 +825,7 @@ def soak_run(run: Run) -> list[Row]:
         "retention_s": args.soak_retention_minutes * 60,
         "partition_s": args.soak_partition_seconds,
     }
-    cfg = {
-        "base": run.base,
-        "rate": args.soak_rate,
-        "seconds": seconds,
-        "products": run.spread,
-        "coupons": run.coupons,
-        "charge_users": MIXED_USERS,
-        "prefer_wait": args.prefer_wait,
-        "poll_wait": args.poll_wait,
-        "give_up_after": args.give_up_after,
-        "max_in_flight": args.max_in_flight,
-        "seed": 17,
-        "bucket_seconds": 60,
-    }
+    cfg = mixed_config(run, args.soak_rate, seconds, seed=17) | {"bucket_seconds": 60}
     sampler = soak.SoakSampler(run.pg.url, run.rd.url, run.pg_pid(), args.soak_sample_seconds)
     sampler.start()
     try:
