@@ -80,11 +80,12 @@ def _via(rig: Rig, ns: Namespace) -> dict[str, str]:
 
 
 def _cut_while_draining(
-    rig: Rig, ns: Namespace, key: str, port: int, *, must_hold: bool, tries: int = 20
+    rig: Rig, ns: Namespace, key: str, port: int, *, must_hold: bool, tries: int = 60
 ) -> int:
     """Blackhole ``ns``'s link to ``port`` of the host the moment worker ``key`` holds a
     partition; returns its backend.  With ``must_hold``, a drain that committed before
-    the cut took effect does not count: heal and retry."""
+    the cut took effect does not count: heal and retry (drains of a few jobs last
+    milliseconds: many tries may miss)."""
     pid = rig.stack.procs[key].pid
     for _ in range(tries):
         deadline = time.monotonic() + 20
