@@ -22,13 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
-from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from shared.config import REDIS_DB_BROKER, redis_url_for
 from shared.jobs import FINISHED_CHANNEL_PREFIX
-from tests.faults.harness import Load, Rig
+from tests.faults.harness import Load, Rig, drains_of
 
 # ---- processes -----------------------------------------------------------------------
 
@@ -311,21 +309,6 @@ def namespace(tag: str) -> Iterator[Namespace]:
                 ns.heal()
             subprocess.run(["ip", "link", "del", host_link], capture_output=True, check=False)
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-
-
-def drains_of(host: str, port: int) -> float | None:
-    """``shop_drains_total`` of the worker serving its metrics on ``host:port`` (None: no
-    answer)."""
-    try:
-        text = requests.get(f"http://{host}:{port}/metrics", timeout=2).text
-    except requests.RequestException:
-        return None
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "shop_drains_total"
-    )
 
 
 def wait_drains(host: str, port: int, timeout: float = 30) -> float:

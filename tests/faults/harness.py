@@ -35,6 +35,7 @@ from typing import Any, cast
 
 import psycopg
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from shared.config import REDIS_DB_BROKER, redis_url_for
@@ -1084,3 +1085,18 @@ def settle_and_check(
     if report.problems:
         print(rig.log_excerpt(), flush=True)
     return report
+
+
+def drains_of(host: str, port: int) -> float | None:
+    """``shop_drains_total`` of the worker serving its metrics on ``host:port`` (None: no
+    answer)."""
+    try:
+        text = requests.get(f"http://{host}:{port}/metrics", timeout=2).text
+    except requests.RequestException:
+        return None
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "shop_drains_total"
+    )

@@ -37,7 +37,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared.config import REDIS_DB_BROKER, redis_url_for
 from shared.embedded import free_port
 from shared.partitions import PartitionKind, partition
-from tests.faults.harness import ADMIN, Report, Rig, private_rig, wait_settled, wait_until
+from tests.faults.harness import (
+    ADMIN,
+    Report,
+    Rig,
+    drains_of,
+    private_rig,
+    wait_settled,
+    wait_until,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -145,16 +153,7 @@ def free_port_run(count: int) -> int:
 
 def worker_drains(port: int) -> float | None:
     """``shop_drains_total`` of the worker serving its metrics on ``port`` (None: no answer)."""
-    try:
-        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-    except requests.RequestException:
-        return None
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "shop_drains_total"
-    )
+    return drains_of("127.0.0.1", port)
 
 
 @contextlib.contextmanager
