@@ -18,18 +18,14 @@ from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
-    Subquery,
     Table,
-    bindparam,
     func,
-    select,
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
-from sqlalchemy.types import TypeEngine
 
+from shared.domain.batch_rows import unnest_rows
 from shared.domain.errors import DomainError, InsufficientStock, ProductNotFound, unwrap
 from shared.domain.orders import DEFAULT_PAYMENT_TIMEOUT, OrderStatus
 from shared.domain.products import PRODUCT_COLUMNS, ProductRow, lock_products
@@ -161,18 +157,7 @@ def apply_inventory(
 _products = cast(Table, Product.__table__)
 
 
-def _unnest(**arrays: TypeEngine[Any]) -> Subquery:
-    """``SELECT unnest(:batch_a) AS a, unnest(:batch_b) AS b, ...``: a batch's rows as
-    array parameters (they zip in order), so a statement compiles once for any batch."""
-    return select(
-        *(
-            func.unnest(bindparam(f"batch_{name}", type_=ARRAY(type_))).label(name)
-            for name, type_ in arrays.items()
-        )
-    ).subquery(name="batch")
-
-
-_CHANGES = _unnest(id=BigInteger(), old=BigInteger(), new=BigInteger())
+_CHANGES = unnest_rows("batch", id=BigInteger(), old=BigInteger(), new=BigInteger())
 _WRITE_STOCK = (
     update(_products)
     .where(_products.c.id == _CHANGES.c.id, _products.c.stock == _CHANGES.c.old)

@@ -26,11 +26,12 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, column, func, insert, select, tuple_, update, values
+from sqlalchemy import BigInteger, Table, bindparam, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
+from shared.domain.batch_rows import rows_params, unnest_rows
 from shared.domain.errors import (
     CouponAlreadyUsed,
     CouponNotOwned,
@@ -194,54 +195,25 @@ class PaymentDesk:
         an outbox row each (the history listener writes the COMPLETED history row)."""
         if not self._completions:
             return
-        done = values(
-            column("id", BigInteger),
-            column("version", BigInteger),
-            column("paid", BigInteger),
-            column("discount", BigInteger),
-            column("coupon", BigInteger),
-            name="paid",
-        ).data(
-            [
-                (c.order_id, c.version, c.paid_amount, c.discount_amount, c.coupon_id or 0)
-                for c in self._completions
-            ]
-        )
+        paid = [
+            (c.order_id, c.version, c.paid_amount, c.discount_amount, c.coupon_id or 0)
+            for c in self._completions
+        ]
         moved = self._session.execute(
-            update(Order)
-            .where(
-                Order.id == done.c.id,
-                Order.version == done.c.version,
-                Order.status.in_([s.value for s in PAYABLE]),
-                Order.expires_at.is_(None) | (Order.expires_at > self.at),
-            )
-            .values(
-                status=OrderStatus.COMPLETED.value,
-                version=Order.version + 1,
-                expires_at=None,
-                paid_amount=done.c.paid,
-                discount_amount=done.c.discount,
-                coupon_id=func.nullif(done.c.coupon, 0),
-                paid_at=self.at,
-                updated_at=self.at,
-            )
-            .returning(Order.id)
-            .execution_options(synchronize_session=False)
+            _COMPLETE_ORDERS,
+            {"at": self.at, **rows_params("paid", paid, _PAID_COLUMNS)},
         ).scalars()
         _guard("orders", {c.order_id for c in self._completions}, set(moved))
-        uses = [c for c in self._completions if c.user_coupon_id is not None]
+        uses = [
+            (c.user_coupon_id, c.order_id)
+            for c in self._completions
+            if c.user_coupon_id is not None
+        ]
         if uses:
-            used = values(
-                column("id", BigInteger), column("order_id", BigInteger), name="used"
-            ).data([(c.user_coupon_id, c.order_id) for c in uses])
             marked = self._session.execute(
-                update(UserCoupon)
-                .where(UserCoupon.id == used.c.id, UserCoupon.used_at.is_(None))
-                .values(used_at=self.at, order_id=used.c.order_id)
-                .returning(UserCoupon.id)
-                .execution_options(synchronize_session=False)
+                _USE_COUPONS, {"at": self.at, **rows_params("used", uses, ("id", "order_id"))}
             ).scalars()
-            _guard("user coupons", {c.user_coupon_id for c in uses}, set(marked))
+            _guard("user coupons", {user_coupon for user_coupon, _ in uses}, set(marked))
         self._session.execute(
             insert(Outbox),
             [
@@ -249,6 +221,40 @@ class PaymentDesk:
                 for c in self._completions
             ],
         )
+
+
+# The batch's statements, built once (Core tables, not the ORM's bulk UPDATE path).
+_orders = cast(Table, Order.__table__)
+_user_coupons = cast(Table, UserCoupon.__table__)
+_PAID_COLUMNS = ("id", "version", "paid", "discount", "coupon")
+_PAID = unnest_rows("paid", **dict.fromkeys(_PAID_COLUMNS, BigInteger()))
+_COMPLETE_ORDERS = (
+    update(_orders)
+    .where(
+        _orders.c.id == _PAID.c.id,
+        _orders.c.version == _PAID.c.version,
+        _orders.c.status.in_([s.value for s in PAYABLE]),
+        _orders.c.expires_at.is_(None) | (_orders.c.expires_at > bindparam("at")),
+    )
+    .values(
+        status=OrderStatus.COMPLETED.value,
+        version=_orders.c.version + 1,
+        expires_at=None,
+        paid_amount=_PAID.c.paid,
+        discount_amount=_PAID.c.discount,
+        coupon_id=func.nullif(_PAID.c.coupon, 0),
+        paid_at=bindparam("at"),
+        updated_at=bindparam("at"),
+    )
+    .returning(_orders.c.id)
+)
+_USED = unnest_rows("used", id=BigInteger(), order_id=BigInteger())
+_USE_COUPONS = (
+    update(_user_coupons)
+    .where(_user_coupons.c.id == _USED.c.id, _user_coupons.c.used_at.is_(None))
+    .values(used_at=bindparam("at"), order_id=_USED.c.order_id)
+    .returning(_user_coupons.c.id)
+)
 
 
 def _guard(what: str, wanted: set[Any], changed: set[Any]) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -366,6 +366,36 @@ def test_a_batch_without_payments_takes_no_order_locks(db_session: Session) -> N
     applied = apply_user_requests(db_session, [PointRequest(user, PointChange.CHARGE, 5)])
     assert applied.outcomes == [Balance(user, 5)]
     assert not applied.orders_completed
+
+
+def test_payment_batches_of_any_size_run_the_same_statements(db_session: Session) -> None:
+    """The batch's rows travel as array parameters: a batch of three payments with coupons
+    runs the very statements a batch of one does (compiled and converted once)."""
+
+    def statements_of(payments: int) -> list[str]:
+        user = _user()
+        charge_points(db_session, user, 10_000)
+        requests = [
+            PaymentRequest(user, _order(db_session, user), _coupon(db_session, user, discount=10))
+            for _ in range(payments)
+        ]
+        seen: list[str] = []
+
+        def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            seen.append(statement)
+
+        engine = db_session.get_bind()
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            outcomes = apply_user_requests(db_session, requests).outcomes
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        assert all(isinstance(o, Payment) for o in outcomes), outcomes
+        return [s for s in seen if s.lstrip().upper().startswith("UPDATE")]
+
+    one, three = statements_of(1), statements_of(3)
+    assert len(one) == 3  # the balances, the orders, the user coupons
+    assert three == one
 
 
 # ---- the constraints that back the rule --------------------------------------------------
