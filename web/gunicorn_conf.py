@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from gunicorn import util
+from gunicorn.http import wsgi
 
 # gunicorn's per-user control socket is shared by every gunicorn of the user: not wanted.
 control_socket_disable = True
@@ -91,6 +92,42 @@ def http_date_of_this_second(timestamp: float | None = None) -> str:
 
 
 util.http_date = http_date_of_this_second
+
+
+# gunicorn's own write, kept on the class: loaded twice (tests), the conf wraps it, not itself.
+_write_in_two_sends = getattr(wsgi.Response, "gunicorn_write", wsgi.Response.write)
+wsgi.Response.gunicorn_write = _write_in_two_sends
+
+
+def write_head_with_body(response: Any, data: Any) -> None:
+    """Drop-in for gunicorn's ``Response.write``: the head and a first body part in one send.
+
+    gunicorn sends the status line and headers, then the body, each by its own
+    ``sendall`` (a ``getsockopt`` and a ``send`` each: ~5 % of a job POST's CPU in web,
+    measured with py-spy, and two TCP segments per answer).  An answer whose body comes
+    as one part (every JSON answer of this app) goes out whole in one send; any other
+    case (chunked, a body-less status or HEAD, a part past Content-Length, a second
+    part) is gunicorn's own ``write``.
+    """
+    if (
+        response.headers_sent
+        or response.chunked
+        or getattr(response, "_omits_body", True)  # gunicorn < 27: its own path
+        or not isinstance(data, bytes)
+        or not data
+        or (response.response_length is not None and len(data) > response.response_length)
+    ):
+        _write_in_two_sends(response, data)
+        return
+    head = response.default_headers()
+    head.extend(f"{name}: {value}\r\n" for name, value in response.headers)
+    head.append("\r\n")
+    response.headers_sent = True
+    response.sent += len(data)
+    util.write(response.sock, "".join(head).encode("latin-1") + data)
+
+
+wsgi.Response.write = write_head_with_body
 
 
 def child_exit(_server: Any, worker: Any) -> None:

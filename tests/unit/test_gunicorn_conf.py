@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import email.utils
 import importlib.util
+import re
+import socket
 import time
-from types import ModuleType
+from collections.abc import Callable
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 from tests.stack import ROOT
 
@@ -39,3 +43,80 @@ def test_the_date_moves_on_with_the_clock() -> None:
     while conf.http_date_of_this_second() == first:
         assert time.monotonic() < deadline, "the Date header stayed for over a second"
         time.sleep(0.05)
+
+
+class _CountingSocket:
+    """One end of a real socket pair that counts the sends made on it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.sends = sock, 0
+
+    def sendall(self, data: bytes) -> None:
+        self.sends += 1
+        self.sock.sendall(data)
+
+
+def _answer(
+    write: Callable[[Any, bytes], None],
+    status: str,
+    headers: list[tuple[str, str]],
+    parts: list[bytes],
+    method: str = "POST",
+) -> tuple[bytes, int]:
+    """What gunicorn puts on the wire for one answer, and in how many sends."""
+    from gunicorn.config import Config
+    from gunicorn.http import wsgi
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        counting = _CountingSocket(ours)
+        request = SimpleNamespace(version=(1, 1), method=method, should_close=lambda: False)
+        response = wsgi.Response(request, counting, Config())
+        response.start_response(status, headers)
+        for part in parts:
+            write(response, part)
+        response.close()
+        ours.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := theirs.recv(65536):
+            received += chunk
+    return received, counting.sends
+
+
+def test_an_answer_in_one_part_goes_out_in_one_send_as_gunicorn_would_write_it() -> None:
+    conf = _load()
+    body = b'{"jobId": "0190"}'
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    ours, sends = _answer(conf.write_head_with_body, "202 ACCEPTED", headers, [body])
+    theirs, their_sends = _answer(conf._write_in_two_sends, "202 ACCEPTED", headers, [body])
+    assert sends == 1
+    assert their_sends == 2
+    assert ours.replace(b"\r\n", b"\n").split(b"\n")[0] == b"HTTP/1.1 202 ACCEPTED"
+    assert ours.endswith(b"\r\n\r\n" + body)
+    assert _without_date(ours) == _without_date(theirs)
+    # A body in two parts: the head goes with the first, the second is sent by itself.
+    headers = [("Content-Length", "4")]
+    ours, sends = _answer(conf.write_head_with_body, "200 OK", headers, [b"ab", b"cd"], "GET")
+    theirs, their_sends = _answer(
+        conf._write_in_two_sends, "200 OK", headers, [b"ab", b"cd"], "GET"
+    )
+    assert (sends, their_sends) == (2, 3)
+    assert _without_date(ours) == _without_date(theirs)
+
+
+def test_other_answers_are_written_by_gunicorn_itself() -> None:
+    conf = _load()
+    cases: list[tuple[str, list[tuple[str, str]], list[bytes], str]] = [
+        ("200 OK", [("Content-Type", "text/plain")], [b"a", b"b"], "GET"),  # chunked
+        ("204 NO CONTENT", [], [b""], "DELETE"),  # no body
+        ("200 OK", [("Content-Length", "3")], [b"abc"], "HEAD"),  # HEAD: no body
+        ("200 OK", [("Content-Length", "2")], [b"abc"], "GET"),  # past Content-Length
+    ]
+    for status, headers, parts, method in cases:
+        ours = _answer(conf.write_head_with_body, status, headers, parts, method)
+        theirs = _answer(conf._write_in_two_sends, status, headers, parts, method)
+        assert (_without_date(ours[0]), ours[1]) == (_without_date(theirs[0]), theirs[1])
+
+
+def _without_date(raw: bytes) -> bytes:
+    return re.sub(rb"Date: [^\r]*\r\n", b"", raw)
