@@ -92,6 +92,9 @@ class JobWaiters:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._threads: list[threading.Thread] = []
+        # True while every thread started last runs (each clears it as it ends): the
+        # check of every wait, without a lock or a look at each thread.
+        self._threads_running = False
         self._connecting_since = time.monotonic()  # the listener's current (re)connect
 
     @contextmanager
@@ -130,25 +133,42 @@ class JobWaiters:
             log.info("long poll of %s not registered: %s", job_id, exc)
 
     def _ensure_listener(self) -> None:
-        with self._lock:
-            if not self._threads or not all(t.is_alive() for t in self._threads):
-                # Started lazily: after gunicorn forks, in the process that waits.
-                self._connecting_since = time.monotonic()
-                self._threads = [
-                    threading.Thread(target=self._listen, name="job-waiters", daemon=True)
-                ]
-                if self._recheck is not None:
-                    self._threads.append(
-                        threading.Thread(target=self._recheck_loop, name="job-recheck", daemon=True)
-                    )
-                for thread in self._threads:
-                    thread.start()
+        if not self._threads_running:
+            self._start_threads()
         # A notification published before the subscription took effect would be missed;
         # requests wait for it up to SUBSCRIBE_TIMEOUT_SECONDS after the listener began
         # connecting, not each its own: with Redis away, the rechecks answer instead.
         if not self._subscribed.is_set():
             left = self._connecting_since + SUBSCRIBE_TIMEOUT_SECONDS - time.monotonic()
             self._subscribed.wait(max(0.0, left))
+
+    def _start_threads(self) -> None:
+        with self._lock:
+            if self._threads and all(t.is_alive() for t in self._threads):
+                self._threads_running = True  # an ended thread's flag came after the restart
+                return
+            # Started lazily: after gunicorn forks, in the process that waits; a restarted
+            # listener's waits wait for its own subscription, not its predecessor's.
+            self._subscribed.clear()
+            self._connecting_since = time.monotonic()
+            targets: dict[str, Callable[[], None]] = {"job-waiters": self._listen}
+            if self._recheck is not None:
+                targets["job-recheck"] = self._recheck_loop
+            self._threads = [
+                threading.Thread(
+                    target=self._run_until_it_ends, args=(target,), name=name, daemon=True
+                )
+                for name, target in targets.items()
+            ]
+            self._threads_running = True
+            for thread in self._threads:
+                thread.start()
+
+    def _run_until_it_ends(self, target: Callable[[], None]) -> None:
+        try:
+            target()
+        finally:
+            self._threads_running = False  # the next wait starts them again
 
     def _listen(self) -> None:
         while True:
