@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from redis import Redis
 
 from shared.config import REDIS_DB_BROKER, redis_url_for
@@ -113,17 +114,41 @@ class Drainer:
     backend: int  # its PostgreSQL backend holding a partition lock
 
 
-def find_drainer(rig: Rig, keys: list[str], timeout: float) -> Drainer | None:
-    """A worker of ``keys`` seen inside a drain transaction (holding a partition lock)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for backend, _addr, port in drainer_backends(rig):
-            for key in keys:
-                proc = rig.stack.procs.get(key)
-                if proc is not None and port in local_ports(proc.pid):
-                    return Drainer(key, proc.pid, backend)
-        time.sleep(0.005)
-    return None
+@contextlib.contextmanager
+def drain_waiting_on_a_row(
+    rig: Rig, keys: list[str], product_id: int, timeout: float = 20
+) -> Iterator[Drainer]:
+    """A worker of ``keys`` caught inside a drain transaction, for the block: the test
+    holds product ``product_id``'s row (``FOR UPDATE``, in a transaction of its own) until
+    a drain that locks it waits on it, holding its partitions' advisory locks.  As the
+    block ends the row is let go: the drain's statement goes on (a frozen or cut-off
+    worker's transaction stays open, holding its partitions).
+
+    Deterministic, unlike catching a drain of a few jobs in its milliseconds."""
+    with psycopg.connect(rig.pg.url, connect_timeout=5) as blocker:
+        blocker.execute("SELECT 1 FROM products WHERE id = %s FOR UPDATE", (product_id,))
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for backend, port in _drainers_waiting_on(rig, blocker.info.backend_pid):
+                    for key in keys:
+                        proc = rig.stack.procs.get(key)
+                        if proc is not None and port in local_ports(proc.pid):
+                            yield Drainer(key, proc.pid, backend)
+                            return
+                time.sleep(0.01)
+            raise AssertionError(f"no drain of {keys} waited on product {product_id}")
+        finally:
+            blocker.rollback()
+
+
+def _drainers_waiting_on(rig: Rig, blocker: int) -> list[tuple[int, int]]:
+    """(backend, client port) of the drain transactions blocked by backend ``blocker``."""
+    rows = rig.query(
+        f"{_DRAINERS} AND %s = ANY(pg_blocking_pids(a.pid))",
+        (blocker,),
+    )
+    return [(int(r[0]), int(r[2])) for r in rows]
 
 
 # ---- notifications -----------------------------------------------------------------------

@@ -33,7 +33,7 @@ from tests.faults.gray import (
     Notifications,
     Waiting,
     backend_gone,
-    find_drainer,
+    drain_waiting_on_a_row,
     frozen,
     holds_partition,
 )
@@ -69,21 +69,17 @@ REDIS_FROZEN_POST_BOUND = 3.0
 PREFER_WAIT = 3
 
 
-def _freeze_a_drainer(rig: Rig, keys: list[str], tries: int = 50) -> tuple[str, int, int, float]:
-    """SIGSTOP a worker caught inside a drain transaction; returns (key, pid, backend,
-    frozen at).  A worker that committed between being seen and being stopped holds
-    nothing: it is resumed and another is tried (drains of a few jobs last milliseconds,
-    so on a busy machine many tries may miss)."""
-    for _ in range(tries):
-        drainer = find_drainer(rig, keys, timeout=20)
-        assert drainer is not None, "no worker seen inside a drain"
+def _freeze_a_drainer(rig: Rig, keys: list[str], product_id: int) -> tuple[str, int, int, float]:
+    """SIGSTOP a worker caught inside a drain transaction, waiting on product
+    ``product_id``'s row; returns (key, pid, backend, frozen at).  Once the row is let
+    go the frozen worker's backend finishes the statement and idles in its transaction,
+    its partitions still locked."""
+    with drain_waiting_on_a_row(rig, keys, product_id) as drainer:
         stack = contextlib.ExitStack()
         frozen_at = stack.enter_context(frozen(drainer.pid))
-        if holds_partition(rig, drainer.backend):
-            _thaws.append(stack)
-            return drainer.key, drainer.pid, drainer.backend, frozen_at
-        stack.close()
-    raise AssertionError(f"no worker frozen inside a drain in {tries} tries")
+        _thaws.append(stack)
+    assert holds_partition(rig, drainer.backend), "the frozen drainer let its partitions go"
+    return drainer.key, drainer.pid, drainer.backend, frozen_at
 
 
 _thaws: list[contextlib.ExitStack] = []
@@ -108,7 +104,9 @@ def test_a_frozen_drainer_loses_its_partitions_within_seconds(tmp_path: Path) ->
             stream = load.stream(1400, rate=40)
             stream.wait_sent(80)
             waiting = Waiting(load)  # their outcomes are announced: none may be twice
-            key, _pid, backend, frozen_at = _freeze_a_drainer(rig, ["worker", "worker-1"])
+            key, _pid, backend, frozen_at = _freeze_a_drainer(
+                rig, ["worker", "worker-1"], next(iter(shop.products))
+            )
             try:
                 pending_at_freeze = [
                     r[0] for r in rig.query("SELECT id FROM jobs WHERE status = 'PENDING'")
