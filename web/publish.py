@@ -156,7 +156,9 @@ def preferred_wait() -> int | None:
     A preference that cannot be understood is ignored, never refused (RFC 7240 §2).
     Of several ``wait`` preferences the first counts.
     """
-    for header in request.headers.getlist("Prefer"):
+    # One key (the server joins repeated header lines); getlist would walk every header.
+    header = request.headers.get("Prefer")
+    if header is not None:
         for preference in header.split(","):
             name, _, value = preference.split(";", 1)[0].partition("=")
             if name.strip().lower() != "wait":
