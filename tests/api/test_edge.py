@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import random
 
+import flask
 import pytest
 from flask import Flask
 from sqlalchemy.orm import Session, sessionmaker
@@ -123,3 +124,20 @@ def test_the_access_log_is_off_by_default_with_text_logs(
 def test_edge_settings_are_checked(settings: Settings, field: str, value: object) -> None:
     with pytest.raises(ConfigError):
         dataclasses.replace(settings, **{field: value})  # type: ignore[arg-type]
+
+
+def test_no_cookie_session_is_kept_or_set(app: Flask) -> None:
+    """Every request shares one read-only empty session; no answer sets a cookie."""
+    seen = []
+    with app.test_request_context("/v1/products"):
+        app.preprocess_request()
+        seen.append(flask.session)
+    with app.test_request_context("/v1/products/1"):
+        seen.append(flask.session)
+        with pytest.raises(RuntimeError):
+            flask.session["user"] = 1  # a null session refuses writes
+    assert seen[0] is seen[1]
+    assert not seen[0]
+    client = app.test_client()
+    for path in ("/v1/products", "/healthz", "/v1/nowhere"):
+        assert "Set-Cookie" not in client.get(path).headers
