@@ -8,6 +8,9 @@ the values after with those before.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from shared.jobs import JobKind, JobOutcome, JobStatus, record
 from shared.metrics import count_finished
 from shared.models import Job
 from shared.supervisor import prepare_metrics_dir
+from tests.stack import ROOT
 from workers.base import Runtime, drain_partition
 from workers.boot import metrics_port
 
@@ -152,3 +156,42 @@ def test_worker_metrics_ports_follow_the_worker_id() -> None:
     with pytest.raises(ConfigError, match="METRICS_PORT"):
         Settings(database_url="x", metrics_port=70_000)
     assert Settings.from_env({"DATABASE_URL": "x", "METRICS_PORT": "9100"}).metrics_port == 9100
+
+
+_FORK_SCRIPT = """
+import os
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+from shared.metrics import JOBS_ACCEPTED
+
+JOBS_ACCEPTED.labels(kind="ORDER").inc()
+child = os.fork()
+if child == 0:
+    JOBS_ACCEPTED.labels(kind="ORDER").inc(2)
+    os._exit(0)
+os.waitpid(child, 0)
+registry = CollectorRegistry()
+MultiProcessCollector(registry)
+print(os.getpid(), child, registry.get_sample_value("shop_jobs_accepted_total", {"kind": "ORDER"}))
+"""
+
+
+def test_each_forked_process_writes_its_own_metrics_file(tmp_path: Path) -> None:
+    """The pid is read once per process (not at every increment), and again after a fork:
+    a child's increments go to a file of its own, and the scrape adds both up."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", _FORK_SCRIPT],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    parent, child, total = int(out[0]), int(out[1]), float(out[2])
+    assert total == 3.0
+    assert {p.name for p in tmp_path.glob("counter_*.db")} == {
+        f"counter_{parent}.db",
+        f"counter_{child}.db",
+    }
