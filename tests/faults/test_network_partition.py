@@ -32,6 +32,7 @@ from tests.faults.gray import (
     Notifications,
     Waiting,
     backend_gone,
+    drain_waiting_on_a_row,
     drainer_backends,
     drains_of,
     holds_partition,
@@ -80,25 +81,34 @@ def _via(rig: Rig, ns: Namespace) -> dict[str, str]:
 
 
 def _cut_while_draining(
-    rig: Rig, ns: Namespace, key: str, port: int, *, must_hold: bool, tries: int = 60
+    rig: Rig, ns: Namespace, key: str, port: int, *, must_hold: bool, product_id: int
 ) -> int:
     """Blackhole ``ns``'s link to ``port`` of the host the moment worker ``key`` holds a
-    partition; returns its backend.  With ``must_hold``, a drain that committed before
-    the cut took effect does not count: heal and retry (drains of a few jobs last
-    milliseconds: many tries may miss)."""
+    partition; returns its backend.
+
+    With ``must_hold`` (the cut must leave a drain transaction open), the worker is caught
+    waiting on product ``product_id``'s row, which the test holds (deterministic); a drain
+    of another worker caught instead is let go and the next one waited for.  Otherwise
+    the cut falls on the worker the moment it is seen inside a drain."""
     pid = rig.stack.procs[key].pid
-    for _ in range(tries):
-        deadline = time.monotonic() + 20
-        backend = None
-        while backend is None and time.monotonic() < deadline:
-            ports = local_ports(pid)
-            backend = next((b for b, _a, p in drainer_backends(rig) if p in ports), None)
-        assert backend is not None, f"{key} never seen inside a drain"
-        ns.cut(port)
-        if not must_hold or holds_partition(rig, backend):
+    if must_hold:
+        for _ in range(20):
+            with drain_waiting_on_a_row(rig, [key, "worker"], product_id) as drainer:
+                if drainer.key == key:
+                    ns.cut(port)
+                    backend = drainer.backend
+            if drainer.key == key:
+                assert holds_partition(rig, backend), f"{key} let its partitions go"
+                return backend
+        raise AssertionError(f"{key} never caught waiting on product {product_id}")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ports = local_ports(pid)
+        backend = next((b for b, _a, p in drainer_backends(rig) if p in ports), None)
+        if backend is not None:
+            ns.cut(port)
             return backend
-        ns.heal()
-    raise AssertionError(f"{key} not cut off inside a drain in {tries} tries")
+    raise AssertionError(f"{key} never seen inside a drain")
 
 
 @pytest.mark.parametrize("server", ["postgres", "redis"])
@@ -133,7 +143,14 @@ def test_a_worker_cut_off_mid_drain_loses_its_partitions_and_recovers(
             stream = load.stream(1400, rate=40)
             stream.wait_sent(80)
             waiting = Waiting(load)  # their outcomes are announced: none may be twice
-            backend = _cut_while_draining(rig, ns, "worker-1", port, must_hold=server == "postgres")
+            backend = _cut_while_draining(
+                rig,
+                ns,
+                "worker-1",
+                port,
+                must_hold=server == "postgres",
+                product_id=next(iter(shop.products)),
+            )
             assert ns.cut_at is not None
             cut_at = ns.cut_at
             try:
