@@ -28,10 +28,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import psycopg
 
 from shared.processes import AlreadyRunning, cmdline, cwd, die_with_parent, exclusive, is_alive
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 PG_USER = "postgres"
 PG_DATABASE = "shop"
@@ -422,16 +426,23 @@ class EmbeddedRedis:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def migrate(database_url: str) -> None:
-    """``alembic upgrade head`` on ``database_url`` (the only way the schema changes)."""
-    from alembic import command
+def alembic_config(database_url: str) -> Config:
+    """The project's Alembic configuration (pyproject.toml, its migrations) aimed at
+    ``database_url``, from any working directory."""
     from alembic.config import Config
 
     root = Path(__file__).resolve().parent.parent
     config = Config(toml_file=str(root / "pyproject.toml"))
     config.set_main_option("script_location", str(root / "migrations"))
     config.attributes["database_url"] = database_url
-    command.upgrade(config, "head")
+    return config
+
+
+def migrate(database_url: str) -> None:
+    """``alembic upgrade head`` on ``database_url`` (the only way the schema changes)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(database_url), "head")
 
 
 def admin_token(run_dir: Path) -> str:

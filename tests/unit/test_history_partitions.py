@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from pathlib import Path
 
 import psycopg
 import pytest
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
@@ -25,6 +23,7 @@ from shared.domain.orders import (
     order_histories_query,
 )
 from shared.domain.products import create_product
+from shared.embedded import alembic_config
 from shared.models import (
     OrderHistory,
     OrderHistoryKey,
@@ -282,17 +281,11 @@ def test_product_totals_follow_inserts_and_deletes(db_session: Session) -> None:
 PREVIOUS = "1ea64ce0f541"  # the revision before the partitioning
 
 
-def _alembic(url: str) -> Config:
-    config = Config(toml_file=str(Path(__file__).resolve().parents[2] / "pyproject.toml"))
-    config.attributes["database_url"] = url
-    return config
-
-
 def test_the_migration_converts_the_histories_with_their_rows_and_back(
     server_urls: tuple[str, str],
 ) -> None:
     with scratch_database(server_urls[0], f"convert_{uuid.uuid4().hex[:8]}") as url:
-        command.upgrade(_alembic(url), PREVIOUS)
+        command.upgrade(alembic_config(url), PREVIOUS)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO products (name, price, stock) SELECT 'p' || g, 1, 1"
@@ -314,7 +307,7 @@ def test_the_migration_converts_the_histories_with_their_rows_and_back(
             conn.execute("SELECT nextval('order_histories_id_seq')")  # a gap: ids go on after it
             before = _snapshot(conn)
 
-        command.upgrade(_alembic(url), "head")
+        command.upgrade(alembic_config(url), "head")
         with psycopg.connect(url, autocommit=True) as conn:
             assert _snapshot(conn) == before
             months = conn.execute(
@@ -337,7 +330,7 @@ def test_the_migration_converts_the_histories_with_their_rows_and_back(
                 )
             conn.execute("DELETE FROM order_histories WHERE id = 22")
 
-        command.downgrade(_alembic(url), PREVIOUS)
+        command.downgrade(alembic_config(url), PREVIOUS)
         with psycopg.connect(url, autocommit=True) as conn:
             assert _snapshot(conn) == before
             with pytest.raises(psycopg.errors.UniqueViolation, match="uq_point_histories_job_id"):
@@ -345,7 +338,7 @@ def test_the_migration_converts_the_histories_with_their_rows_and_back(
                     "INSERT INTO point_histories (user_id, type, amount, balance_after, job_id)"
                     " SELECT 1, 'CHARGE', 1, 1, job_id FROM point_histories LIMIT 1"
                 )
-        command.upgrade(_alembic(url), "head")
+        command.upgrade(alembic_config(url), "head")
 
 
 def _snapshot(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[object, ...]:

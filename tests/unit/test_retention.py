@@ -8,13 +8,11 @@ import datetime as dt
 import itertools
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from alembic import command
-from alembic.config import Config
 from flask.testing import FlaskClient
 from psycopg.errors import LockNotAvailable
 from sqlalchemy import select, text, update
@@ -22,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 import workers.points  # noqa: F401  (registers the points handler the drain applies)
+from shared.embedded import alembic_config
 from shared.jobs import JobKind, JobOutcome, fingerprint, finish_jobs, get_job, record
 from shared.models import Job, JobIdempotencyKey
 from shared.retention import (
@@ -306,12 +305,6 @@ def test_beat_makes_partitions_ahead_and_drops_old_ones(runtime: Runtime) -> Non
 PREVIOUS = "5c3e9a7d2b14"  # the revision before this one
 
 
-def _alembic(url: str) -> Config:
-    config = Config(toml_file=str(Path(__file__).resolve().parents[2] / "pyproject.toml"))
-    config.attributes["database_url"] = url
-    return config
-
-
 def _snapshot(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[object, ...]:
     jobs = conn.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
     outbox = conn.execute("SELECT * FROM outbox ORDER BY id").fetchall()
@@ -322,7 +315,7 @@ def test_the_migration_converts_jobs_and_outbox_with_their_rows_and_back(
     server_urls: tuple[str, str],
 ) -> None:
     with scratch_database(server_urls[0], f"retain_{uuid.uuid4().hex[:8]}") as url:
-        command.upgrade(_alembic(url), PREVIOUS)
+        command.upgrade(alembic_config(url), PREVIOUS)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO jobs (id, kind, partition, payload, status, idempotency_key,"
@@ -338,7 +331,7 @@ def test_the_migration_converts_jobs_and_outbox_with_their_rows_and_back(
                 " FROM generate_series(1, 5) g"
             )
             before = _snapshot(conn)
-        command.upgrade(_alembic(url), "head")
+        command.upgrade(alembic_config(url), "head")
         with psycopg.connect(url, autocommit=True) as conn:
             assert _snapshot(conn) == before
             assert conn.execute("SELECT count(*) FROM jobs_default").fetchone() == (12,)
@@ -360,10 +353,10 @@ def test_the_migration_converts_jobs_and_outbox_with_their_rows_and_back(
             assert outbox_id == (6,)
             conn.execute("DELETE FROM jobs WHERE seq = 13")
             conn.execute("DELETE FROM outbox WHERE id = 6")
-        command.downgrade(_alembic(url), PREVIOUS)
+        command.downgrade(alembic_config(url), PREVIOUS)
         with psycopg.connect(url, autocommit=True) as conn:
             assert _snapshot(conn) == before
-        command.upgrade(_alembic(url), "head")
+        command.upgrade(alembic_config(url), "head")
 
 
 def test_every_job_read_by_id_touches_one_partition(db_session: Session) -> None:
