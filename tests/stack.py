@@ -52,6 +52,28 @@ COMMANDS: dict[str, list[str]] = {
 }
 
 
+def run_in_production(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """``python <args>`` from the project root with ``APP_ENV=production`` and servers that
+    cannot be reached (plus ``env``): for the checks a process makes of its settings
+    before it connects to anything.  Its output is captured; it is not checked."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "DATABASE_URL": "postgresql://unused@127.0.0.1:1/unused",
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "APP_ENV": "production",
+            "ADMIN_TOKEN": "t",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @dataclass
 class Stack:
     """The system's processes against the given database and Redis."""

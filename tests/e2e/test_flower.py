@@ -24,7 +24,7 @@ from shared.embedded import free_port
 from shared.partitions import HISTORY_QUEUE, PartitionKind, all_partition_queues, partition
 from tests.browser import dump_dom, screenshot
 from tests.faults.harness import Rig, private_rig, wait_until
-from tests.stack import ROOT
+from tests.stack import ROOT, run_in_production
 
 pytestmark = pytest.mark.e2e
 
@@ -144,22 +144,6 @@ def test_flower_shows_workers_queues_and_backlogs_behind_basic_auth(
 
 
 def test_flower_refuses_to_start_in_production_without_basic_auth(tmp_path: Path) -> None:
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "DATABASE_URL": "postgresql://unused@127.0.0.1:1/unused",
-        "REDIS_URL": "redis://127.0.0.1:1/0",
-        "APP_ENV": "production",
-        "ADMIN_TOKEN": "t",
-        "AUTH_MODE": "none",
-    }
-    answer = subprocess.run(
-        [sys.executable, "-m", "workers.flower", f"--port={free_port()}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    answer = run_in_production(["-m", "workers.flower", f"--port={free_port()}"], AUTH_MODE="none")
     assert answer.returncode != 0
     assert "FLOWER_BASIC_AUTH is required when APP_ENV=production" in answer.stderr

@@ -3,8 +3,6 @@ long poll of another user's job, the start refused in production)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -12,7 +10,7 @@ import pytest
 import requests
 
 from tests.conftest import ADMIN
-from tests.stack import ROOT, Stack
+from tests.stack import Stack, run_in_production
 from tests.tokens import ADMIN_SCOPE, bearer, hs256
 
 pytestmark = pytest.mark.e2e
@@ -72,25 +70,11 @@ _LOAD_SETTINGS = "from shared.config import Settings; Settings.from_env()"
 def test_production_refuses_to_start_without_an_explicit_auth_mode(
     auth_mode: str | None, refused: bool
 ) -> None:
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "DATABASE_URL": "postgresql://unused@127.0.0.1:1/unused",
-        "REDIS_URL": "redis://127.0.0.1:1/0",
-        "APP_ENV": "production",
-        "ADMIN_TOKEN": "t",
-    }
-    if auth_mode is not None:
-        env["AUTH_MODE"] = auth_mode
-    answer = subprocess.run(
+    answer = run_in_production(
         # Refused: the web process's own entry point stops at its settings.  Accepted: the
         # settings load (the rest of a start needs servers this test does not run).
-        [sys.executable, "-c", "import web.wsgi" if refused else _LOAD_SETTINGS],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        ["-c", "import web.wsgi" if refused else _LOAD_SETTINGS],
+        **({} if auth_mode is None else {"AUTH_MODE": auth_mode}),
     )
     assert (answer.returncode != 0) is refused, answer.stderr
     assert ("AUTH_MODE is required when APP_ENV=production" in answer.stderr) is refused
