@@ -20,6 +20,7 @@ Exits non-zero with the reason on the first failed check.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -289,8 +290,14 @@ def check_replica_reads(stack: Stack, sent: dict[str, Any]) -> None:
         " and query ilike '%from products%'"
     )
 
+    # A page read from the primary stays in web's listing cache until the next product
+    # change, so asking the same page again would only find the cache: each try asks a
+    # page size not asked before (cycling through API.md's 1..100 within the 60 s), which
+    # web must read from a replica or the primary.
+    sizes = itertools.cycle(range(5, 101))
+
     def served() -> list[str] | None:
-        listing = stack.get("/v1/products", name="check-", size=5)
+        listing = stack.get("/v1/products", name="check-", size=next(sizes))
         check(listing["total"] >= len(sent["products"]), f"listing {listing}")
         hits = [r for r in replicas if int(stack.psql(r, sql)) > 0]
         return hits or None
