@@ -1,0 +1,169 @@
+"""Where the mixed load's CPU goes: CPU per job of each process group, and with
+``--py-spy`` the functions of web and the worker that spend it.
+
+    python -m bench.profile [--rate 900] [--seconds 30] [--py-spy] [--top 30]
+
+It starts embedded PostgreSQL and Redis and the stack exactly as ``make bench`` does
+(``bench.run.start_service``), runs ``bench.loadgen``'s mixed load at one rate, and prints
+the CPU per finished job of each group (web, worker, postgres, redis, the generator) and
+the completion latency per 5 s of the run.  With ``--py-spy`` (``pip install py-spy``)
+each web and worker process is sampled while the load runs, only while it holds the GIL
+(``--gil``: Python's CPU, not its waits); the table gives, per group, the share of samples
+in each function (self) and under it (total).  A profile, not a benchmark: the samplers
+take CPU from the load they watch, so compare two profiles, never a profile with
+``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import checks
+from bench.procstat import CpuMeter
+from bench.run import Run, loadgen, mixed_config, parse, start_service
+from shared.embedded import EmbeddedPostgres, EmbeddedRedis, migrate
+
+
+def _py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen(
+        [
+            *(exe, "record", "--gil", "--nonblocking", "--format", "raw", "--rate", "200"),
+            *("--duration", str(int(seconds)), "--pid", str(pid), "--output", str(out)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _frame(frame: str) -> str:
+    """``function (path/to/file.py:line)`` -> ``function (file.py)``: lines merged."""
+    name, _, where = frame.partition(" (")
+    file = where.rsplit(":", 1)[0].rsplit("/", 1)[-1]
+    return f"{name} ({file})"
+
+
+def top_functions(files: list[Path], top: int) -> list[tuple[str, float, float]]:
+    """(function, self share, total share) of py-spy's collapsed stacks, most total first."""
+    own: collections.Counter[str] = collections.Counter()
+    under: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for file in files:
+        if not file.exists():
+            continue
+        for line in file.read_text().splitlines():
+            stack, _, count_text = line.rpartition(" ")
+            if not stack:
+                continue
+            count = int(count_text)
+            frames = [_frame(f) for f in stack.split(";")[1:]]  # [0] is the thread
+            if not frames:
+                continue
+            samples += count
+            own[frames[-1]] += count
+            for frame in set(frames):
+                under[frame] += count
+    if not samples:
+        return []
+    ranked = sorted(under, key=lambda f: (-under[f], f))[:top]
+    return [(f, own[f] / samples, under[f] / samples) for f in ranked]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    p.add_argument("--rate", type=float, default=900, help="offered req/s (900)")
+    p.add_argument("--seconds", type=float, default=30, help="length of the load (30)")
+    p.add_argument("--py-spy", action="store_true", help="sample web and worker with py-spy")
+    p.add_argument("--top", type=int, default=30, help="functions listed per group (30)")
+    p.add_argument("--stack-env", action="append", default=[], metavar="NAME=VALUE")
+    own = p.parse_args(argv)
+    args = parse([f"--stack-env={e}" for e in own.stack_env])
+    with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
+        work = Path(tmp)
+        pg, rd = EmbeddedPostgres(work / "pg" / "data"), EmbeddedRedis(work / "redis")
+        pg.start()
+        rd.start()
+        run = Run(args, work, pg, rd)
+        try:
+            migrate(pg.url)
+            start_service(run)
+            cfg: dict[str, Any] = mixed_config(run, own.rate, own.seconds, seed=int(own.rate))
+            cfg["bucket_seconds"] = 5
+            groups = run.service_groups()
+            spies: list[subprocess.Popen[bytes]] = []
+            traces: dict[str, list[Path]] = collections.defaultdict(list)
+
+            def on_event(name: str) -> None:
+                if name != "started" or not own.py_spy:
+                    return
+                for group in ("web", "worker"):
+                    for pid in _children(groups.get(group, [])):
+                        out = work / f"{group}-{pid}.txt"
+                        traces[group].append(out)
+                        spies.append(_py_spy(pid, own.seconds, out))
+
+            jobs_before = run.work_units()
+            meter = CpuMeter(run.service_groups)
+            meter.start()
+            result, generator_cpu = loadgen("mixed", cfg, work, on_event)
+            checks.wait_drained(pg.url, args.drain_timeout)
+            cpu = meter.stop()
+            cpu["generator"] = generator_cpu
+            jobs = run.work_units() - jobs_before
+            for spy in spies:
+                spy.wait()
+            report(own, result, cpu, jobs, traces)
+        finally:
+            if run.stack is not None:
+                run.stack.stop()
+            rd.stop()
+            pg.stop()
+    return 0
+
+
+def _children(roots: list[int]) -> list[int]:
+    """The roots' child processes (gunicorn's and Celery's forked workers), else the roots."""
+    found: list[int] = []
+    for root in roots:
+        listing = Path(f"/proc/{root}/task/{root}/children")
+        kids = [int(x) for x in listing.read_text().split()] if listing.exists() else []
+        found += kids or [root]
+    return found
+
+
+def report(
+    own: argparse.Namespace,
+    result: dict[str, Any],
+    cpu: dict[str, float],
+    jobs: int,
+    traces: dict[str, list[Path]],
+) -> None:
+    print(f"\nmixed load, {own.rate:g} req/s offered for {own.seconds:g} s: {jobs} jobs")
+    print(
+        f"completed {result['completed_per_s']:.0f}/s, completion p99"
+        f" {result['completion']['p99_ms']:.0f} ms, errors {result['error_count']}"
+    )
+    for bucket in result.get("completion_by_bucket", []):
+        print(
+            f"  from {bucket['from_s']:>4} s:"
+            f" p50 {bucket['p50_ms']:>6.0f}  p99 {bucket['p99_ms']:>6.0f} ms"
+        )
+    print("\nCPU ms per job")
+    for name, seconds in sorted(cpu.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<10} {seconds * 1e3 / max(jobs, 1):6.3f}")
+    print(f"  {'total':<10} {sum(cpu.values()) * 1e3 / max(jobs, 1):6.3f}")
+    for group, files in traces.items():
+        print(f"\n{group}: share of GIL-holding samples (self, total)")
+        for function, self_share, total_share in top_functions(files, own.top):
+            print(f"  {self_share:6.1%} {total_share:6.1%}  {function}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
