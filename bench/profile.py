@@ -7,17 +7,18 @@ It starts embedded PostgreSQL and Redis and the stack exactly as ``make bench`` 
 (``bench.run.start_service``), runs ``bench.loadgen``'s mixed load at one rate, and prints
 the CPU per finished job of each group (web, worker, postgres, redis, the generator) and
 the completion latency per 5 s of the run.  With ``--py-spy`` (``pip install py-spy``)
-each web and worker process is sampled while the load runs, only while it holds the GIL
-(``--gil``: Python's CPU, not its waits); the table gives, per group, the share of samples
-in each function (self) and under it (total).  A profile, not a benchmark: the samplers
-take CPU from the load they watch, so compare two profiles, never a profile with
-``make bench``.
+each web and worker process and the generator are sampled while the load runs, only while
+they hold the GIL (``--gil``: Python's CPU, not its waits); the tables give, per group, the
+share of samples in each function (self) and under it (total).  A profile, not a
+benchmark: the samplers take CPU from the load they watch, so compare two profiles, never
+a profile with ``make bench``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -50,8 +51,11 @@ def _frame(frame: str) -> str:
     return f"{name} ({file})"
 
 
-def top_functions(files: list[Path], top: int) -> list[tuple[str, float, float]]:
-    """(function, self share, total share) of py-spy's collapsed stacks, most total first."""
+def top_functions(
+    files: list[Path], top: int, *, by_self: bool = False
+) -> list[tuple[str, float, float]]:
+    """(function, self share, total share) of py-spy's collapsed stacks, most total (or
+    most self) first."""
     own: collections.Counter[str] = collections.Counter()
     under: collections.Counter[str] = collections.Counter()
     samples = 0
@@ -72,7 +76,8 @@ def top_functions(files: list[Path], top: int) -> list[tuple[str, float, float]]
                 under[frame] += count
     if not samples:
         return []
-    ranked = sorted(under, key=lambda f: (-under[f], f))[:top]
+    rank = own if by_self else under
+    ranked = sorted(rank, key=lambda f: (-rank[f], f))[:top]
     return [(f, own[f] / samples, under[f] / samples) for f in ranked]
 
 
@@ -82,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=30, help="length of the load (30)")
     p.add_argument("--py-spy", action="store_true", help="sample web and worker with py-spy")
     p.add_argument("--top", type=int, default=30, help="functions listed per group (30)")
+    p.add_argument("--traces", type=Path, help="keep py-spy's collapsed stacks in this folder")
     p.add_argument("--stack-env", action="append", default=[], metavar="NAME=VALUE")
     own = p.parse_args(argv)
+    if own.traces:
+        own.traces.mkdir(parents=True, exist_ok=True)
     args = parse([f"--stack-env={e}" for e in own.stack_env])
     with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
         work = Path(tmp)
@@ -103,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             def on_event(name: str) -> None:
                 if name != "started" or not own.py_spy:
                     return
-                for group in ("web", "worker"):
-                    for pid in _children(groups.get(group, [])):
-                        out = work / f"{group}-{pid}.txt"
+                targets = {**groups, "generator": _generator()}
+                for group in ("web", "worker", "generator"):
+                    for pid in _children(targets.get(group, [])):
+                        out = (own.traces or work) / f"{group}-{pid}.txt"
                         traces[group].append(out)
                         spies.append(_py_spy(pid, own.seconds, out))
 
@@ -126,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
             rd.stop()
             pg.stop()
     return 0
+
+
+def _generator() -> list[int]:
+    """The ``bench.loadgen`` process this one started (it has no children of its own)."""
+    listing = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    return [
+        pid
+        for pid in map(int, listing.read_text().split())
+        if b"bench.loadgen" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
 
 
 def _children(roots: list[int]) -> list[int]:
@@ -160,9 +179,11 @@ def report(
         print(f"  {name:<10} {seconds * 1e3 / max(jobs, 1):6.3f}")
     print(f"  {'total':<10} {sum(cpu.values()) * 1e3 / max(jobs, 1):6.3f}")
     for group, files in traces.items():
-        print(f"\n{group}: share of GIL-holding samples (self, total)")
-        for function, self_share, total_share in top_functions(files, own.top):
-            print(f"  {self_share:6.1%} {total_share:6.1%}  {function}")
+        for by_self in (False, True):
+            order = "self" if by_self else "total"
+            print(f"\n{group}: share of GIL-holding samples (self, total), by {order}")
+            for function, self_share, total_share in top_functions(files, own.top, by_self=by_self):
+                print(f"  {self_share:6.1%} {total_share:6.1%}  {function}")
 
 
 if __name__ == "__main__":

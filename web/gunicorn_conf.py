@@ -104,7 +104,7 @@ def write_head_with_body(response: Any, data: Any) -> None:
 
     gunicorn sends the status line and headers, then the body, each by its own
     ``sendall`` (a ``getsockopt`` and a ``send`` each: ~5 % of a job POST's CPU in web,
-    measured with py-spy, and two TCP segments per answer).  An answer whose body comes
+    measured with py-spy, and two TCP segments per answer); here one ``send``.  An answer whose body comes
     as one part (every JSON answer of this app) goes out whole in one send; any other
     case (chunked, a body-less status or HEAD, a part past Content-Length, a second
     part) is gunicorn's own ``write``.
@@ -124,7 +124,19 @@ def write_head_with_body(response: Any, data: Any) -> None:
     head.append("\r\n")
     response.headers_sent = True
     response.sent += len(data)
-    util.write(response.sock, "".join(head).encode("latin-1") + data)
+    send_whole(response.sock, "".join(head).encode("latin-1") + data)
+
+
+def send_whole(sock: Any, payload: bytes) -> None:
+    """``sock.sendall(payload)`` that asks the socket nothing first.
+
+    gevent's ``sendall`` reads ``SO_SNDBUF`` (a ``getsockopt`` system call) before every
+    send to size its chunks; an answer of a few hundred bytes fits a socket's buffer, so
+    one ``send`` takes it whole, and only a part that did not fit goes to ``sendall``.
+    """
+    sent = sock.send(payload)
+    if sent < len(payload):
+        sock.sendall(memoryview(payload)[sent:])
 
 
 wsgi.Response.write = write_head_with_body

@@ -46,10 +46,15 @@ def test_the_date_moves_on_with_the_clock() -> None:
 
 
 class _CountingSocket:
-    """One end of a real socket pair that counts the sends made on it."""
+    """One end of a real socket pair that counts the sends made on it (``send`` and
+    ``sendall`` alike: each is a system call or more)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock, self.sends = sock, 0
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        return self.sock.send(data)
 
     def sendall(self, data: bytes) -> None:
         self.sends += 1
@@ -120,3 +125,33 @@ def test_other_answers_are_written_by_gunicorn_itself() -> None:
 
 def _without_date(raw: bytes) -> bytes:
     return re.sub(rb"Date: [^\r]*\r\n", b"", raw)
+
+
+class _ShortSendSocket:
+    """A socket whose ``send`` takes at most ``room`` bytes, as a full buffer would."""
+
+    def __init__(self, room: int) -> None:
+        self.room, self.wire = room, b""
+        self.calls: list[tuple[str, int]] = []
+
+    def send(self, data: bytes) -> int:
+        taken = bytes(data[: self.room])
+        self.calls.append(("send", len(taken)))
+        self.wire += taken
+        return len(taken)
+
+    def sendall(self, data: bytes) -> None:
+        self.calls.append(("sendall", len(data)))
+        self.wire += bytes(data)
+
+
+def test_what_one_send_did_not_take_goes_to_sendall() -> None:
+    conf = _load()
+    payload = bytes(range(256)) * 40
+    short = _ShortSendSocket(room=1000)
+    conf.send_whole(short, payload)
+    assert short.wire == payload
+    assert short.calls == [("send", 1000), ("sendall", len(payload) - 1000)]
+    roomy = _ShortSendSocket(room=len(payload))
+    conf.send_whole(roomy, payload)
+    assert (roomy.wire, roomy.calls) == (payload, [("send", len(payload))])
