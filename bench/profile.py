@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                         traces[group].append(out)
                         spies.append(_py_spy(pid, own.seconds, out))
 
-            jobs_before = run.work_units()
+            jobs_before, seq_before = run.work_units(), checks.last_seq(pg.url)
             meter = CpuMeter(run.service_groups)
             meter.start()
             result, generator_cpu = loadgen("mixed", cfg, work, on_event)
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             for spy in spies:
                 spy.wait()
             report(own, result, cpu, jobs, traces)
+            print_batches(pg.url, seq_before)
         finally:
             if run.stack is not None:
                 run.stack.stop()
@@ -155,6 +156,26 @@ def _children(roots: list[int]) -> list[int]:
         kids = [int(x) for x in listing.read_text().split()] if listing.exists() else []
         found += kids or [root]
     return found
+
+
+def print_batches(url: str, seq: int) -> None:
+    """Jobs per committed batch of each drain kind (a batch's jobs share ``finished_at``),
+    and per group commit of web (its rows share ``created_at``)."""
+    with checks.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT split_part(partition, '.', 1), count(*), count(DISTINCT finished_at)"
+            " FROM jobs WHERE seq > %s AND finished_at IS NOT NULL GROUP BY 1 ORDER BY 1",
+            (seq,),
+        ).fetchall()
+        (written, inserts) = conn.execute(
+            "SELECT count(*), count(DISTINCT created_at) FROM jobs WHERE seq > %s", (seq,)
+        ).fetchone() or (0, 0)
+    print("\njobs per batch")
+    for kind, jobs, batches in rows:
+        print(f"  {kind:<10} {jobs:>7} jobs in {batches:>6} batches: {jobs / batches:6.1f}")
+    # A group commit's rows share created_at (the INSERT's transaction time).
+    per_insert = written / max(inserts, 1)
+    print(f"  {'written':<10} {written:>7} jobs in {inserts:>6} INSERTs: {per_insert:6.1f}")
 
 
 def report(
