@@ -104,8 +104,8 @@ def write_head_with_body(response: Any, data: Any) -> None:
 
     gunicorn sends the status line and headers, then the body, each by its own
     ``sendall`` (a ``getsockopt`` and a ``send`` each: ~5 % of a job POST's CPU in web,
-    measured with py-spy, and two TCP segments per answer); here one ``send``.  An answer whose body comes
-    as one part (every JSON answer of this app) goes out whole in one send; any other
+    measured with py-spy, and two TCP segments per answer).  An answer whose body comes
+    as one part (every JSON answer of this app) goes out whole in one ``send``; any other
     case (chunked, a body-less status or HEAD, a part past Content-Length, a second
     part) is gunicorn's own ``write``.
     """
