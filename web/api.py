@@ -117,6 +117,15 @@ def _read_body() -> bytes:
                 )
             g.body_read = True
             return raw
+        length = request.content_length
+        if length is not None and length <= limit:
+            # Straight from the server's stream: werkzeug's get_data wraps it in a limited
+            # stream and reads it through that (~2.5 % of a job POST's CPU in web, py-spy).
+            raw = request.environ["wsgi.input"].read(length)
+            g.body_read = True
+            if len(raw) == length:
+                return bytes(raw)
+            raise ConnectionError(f"the body ended after {len(raw)} of {length} bytes")
         data = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: 413 (RequestEntityTooLarge)
         g.body_read = True
         return data
