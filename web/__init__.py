@@ -20,7 +20,7 @@ from shared.metrics import prepare_multiprocess_dir
 from shared.replicas import Replica, ReplicaSet
 from shared.top_sellers_cache import TopSellersCache
 from web import access, admin, coupons, health, jobs, orders, points, products, users
-from web.api import IdConverter, install_connection_handling
+from web.api import ApiResponse, IdConverter, install_connection_handling, remember_routes
 from web.errors import register_error_handlers
 from web.hot_reads import install_hot_product_reads
 from web.identity import TokenVerifier
@@ -49,6 +49,7 @@ def create_app(
     settings = settings or Settings.from_env()
     configure_logging(settings.log_format, settings.log_level, "web")
     app = Flask(__name__)
+    app.response_class = ApiResponse
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider option
     app.url_map.strict_slashes = False
@@ -102,6 +103,7 @@ def create_app(
     install_hot_product_reads(app, app.extensions["product_cache"])
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
+    remember_routes(app)
     # Last: the outermost layers (client address, request id, access log).
     access.install_edge(app, settings)
     return app
