@@ -4,6 +4,12 @@ SQLAlchemy's ``values(...).data(rows)`` puts the rows into the statement itself:
 batch is a new statement, compiled by SQLAlchemy and converted by psycopg again (in the
 mixed load that was an eighth of the worker's CPU).  ``unnest`` of one array per
 column keeps the text fixed; the arrays zip in order.
+
+An ``UPDATE .. FROM unnest(..)`` also names its rows' keys with ``= ANY(keys)``
+(``batch_keys``): joined only to the unnest, the planner may hash the whole table
+(a sequential scan per batch, its cost growing with the table, chosen whenever the
+table's statistics are young: a fresh day's job partition, a new shop), where the
+keys make it an index lookup per row whatever the statistics say.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.sql.expression import Subquery
+from sqlalchemy.sql.expression import ColumnElement, Subquery
 from sqlalchemy.types import TypeEngine
 
 
@@ -27,6 +33,12 @@ def unnest_rows(name: str, **columns: TypeEngine[Any]) -> Subquery:
             for column, type_ in columns.items()
         )
     ).subquery(name=name)
+
+
+def batch_keys(name: str, column: str, type_: TypeEngine[Any]) -> ColumnElement[Any]:
+    """``ANY(:<name>_<column>)``: the key column of ``unnest_rows(name, ...)`` as an array,
+    for ``table.c.key == batch_keys(...)`` beside the join to the unnest (module doc)."""
+    return func.any(bindparam(f"{name}_{column}", type_=ARRAY(type_)))
 
 
 def rows_params(

@@ -14,22 +14,27 @@ from shared.models import Outbox
 # (a redelivery, or a duplicated outbox row) is left out; the trigger on
 # order_histories refuses it anyway (pk_order_history_keys), whichever partition
 # holds the first row.
+# Both look-ups are by key whatever the statistics say: the rows to deliver as an array
+# (``id = ANY(ARRAY(..))``, not ``id IN (..)``, which the planner may turn into a hash of
+# the whole outbox) and the recorded states as a sub-select per row (not ``NOT EXISTS``,
+# which it may turn into a hash of every key): both were sequential scans of tables
+# that only grow, once per delivery.
 _DELIVER = text(
     """
     WITH delivered AS (
         UPDATE outbox SET delivered_at = now()
-        WHERE id IN (
+        WHERE id = ANY(ARRAY(
             SELECT id FROM outbox WHERE delivered_at IS NULL
             ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
-        )
+        ))
         RETURNING id, order_id, status, created_at
     ), fresh AS (
         SELECT DISTINCT ON (d.order_id, d.status) d.id, d.order_id, d.status, d.created_at
         FROM delivered d
-        WHERE NOT EXISTS (
-            SELECT 1 FROM order_history_keys k
+        WHERE (
+            SELECT true FROM order_history_keys k
             WHERE k.order_id = d.order_id AND k.status = d.status
-        )
+        ) IS NULL
         ORDER BY d.order_id, d.status, d.id
     ), recorded AS (
         INSERT INTO order_histories (order_id, status, created_at)

@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from shared.domain.batch_rows import unnest_rows
+from shared.domain.batch_rows import batch_keys, unnest_rows
 from shared.domain.errors import DomainError, InsufficientStock, ProductNotFound, unwrap
 from shared.domain.orders import DEFAULT_PAYMENT_TIMEOUT, OrderStatus
 from shared.domain.products import PRODUCT_COLUMNS, ProductRow, lock_products
@@ -160,7 +160,11 @@ _products = cast(Table, Product.__table__)
 _CHANGES = unnest_rows("batch", id=BigInteger(), old=BigInteger(), new=BigInteger())
 _WRITE_STOCK = (
     update(_products)
-    .where(_products.c.id == _CHANGES.c.id, _products.c.stock == _CHANGES.c.old)
+    .where(
+        _products.c.id == batch_keys("batch", "id", BigInteger()),
+        _products.c.id == _CHANGES.c.id,
+        _products.c.stock == _CHANGES.c.old,
+    )
     .values(stock=_CHANGES.c.new, version=_products.c.version + 1, updated_at=func.now())
     .returning(*PRODUCT_COLUMNS)
 )

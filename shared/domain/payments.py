@@ -31,7 +31,7 @@ from typing import Any, cast
 from sqlalchemy import BigInteger, Table, bindparam, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from shared.domain.batch_rows import rows_params, unnest_rows
+from shared.domain.batch_rows import batch_keys, rows_params, unnest_rows
 from shared.domain.errors import (
     CouponAlreadyUsed,
     CouponNotOwned,
@@ -231,6 +231,7 @@ _PAID = unnest_rows("paid", **dict.fromkeys(_PAID_COLUMNS, BigInteger()))
 _COMPLETE_ORDERS = (
     update(_orders)
     .where(
+        _orders.c.id == batch_keys("paid", "id", BigInteger()),
         _orders.c.id == _PAID.c.id,
         _orders.c.version == _PAID.c.version,
         _orders.c.status.in_([s.value for s in PAYABLE]),
@@ -251,7 +252,11 @@ _COMPLETE_ORDERS = (
 _USED = unnest_rows("used", id=BigInteger(), order_id=BigInteger())
 _USE_COUPONS = (
     update(_user_coupons)
-    .where(_user_coupons.c.id == _USED.c.id, _user_coupons.c.used_at.is_(None))
+    .where(
+        _user_coupons.c.id == batch_keys("used", "id", BigInteger()),
+        _user_coupons.c.id == _USED.c.id,
+        _user_coupons.c.used_at.is_(None),
+    )
     .values(used_at=bindparam("at"), order_id=_USED.c.order_id)
     .returning(_user_coupons.c.id)
 )

@@ -59,7 +59,7 @@ _LOCK_BALANCES = (
 _ADD_DELTAS = text(
     "UPDATE points SET balance = points.balance + delta.amount, updated_at = now()"
     " FROM unnest(CAST(:users AS bigint[]), CAST(:deltas AS bigint[])) AS delta(user_id, amount)"
-    " WHERE points.user_id = delta.user_id"
+    " WHERE points.user_id = ANY(CAST(:users AS bigint[])) AND points.user_id = delta.user_id"
 )
 # Core, not the ORM's bulk insert: one INSERT .. VALUES for the batch (insertmanyvalues).
 _INSERT_HISTORIES = insert(_histories)
