@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                         spies.append(_py_spy(pid, own.seconds, out))
 
             jobs_before, seq_before = run.work_units(), checks.last_seq(pg.url)
+            scans_before = table_scans(pg.url)
             meter = CpuMeter(run.service_groups)
             meter.start()
             result, generator_cpu = loadgen("mixed", cfg, work, on_event)
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 spy.wait()
             report(own, result, cpu, jobs, traces)
             print_batches(pg.url, seq_before)
+            print_scans(scans_before, table_scans(pg.url), jobs)
         finally:
             if run.stack is not None:
                 run.stack.stop()
@@ -156,6 +158,38 @@ def _children(roots: list[int]) -> list[int]:
         kids = [int(x) for x in listing.read_text().split()] if listing.exists() else []
         found += kids or [root]
     return found
+
+
+def table_scans(url: str) -> dict[str, tuple[int, int, int, int]]:
+    """Per table: sequential scans, rows they read, index scans, rows those fetched."""
+    with checks.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT relname, seq_scan, seq_tup_read, coalesce(idx_scan, 0),"
+            " coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables"
+        ).fetchall()
+    return {name: (a, b, c, d) for name, a, b, c, d in rows}
+
+
+def print_scans(
+    before: dict[str, tuple[int, int, int, int]],
+    after: dict[str, tuple[int, int, int, int]],
+    jobs: int,
+) -> None:
+    """Rows read per job by sequential and by index scans, the tables read most first
+    (the statistics collector's counts: flushed within a second or so of the load)."""
+    delta = {
+        name: [a - b for a, b in zip(now, before.get(name, (0, 0, 0, 0)), strict=True)]
+        for name, now in after.items()
+    }
+    print("\nrows read per job (sequential scans: scans, rows; index scans: scans, rows)")
+    for name, (seq, seq_rows, idx, idx_rows) in sorted(
+        delta.items(), key=lambda kv: -(kv[1][1] + kv[1][3])
+    )[:12]:
+        per = max(jobs, 1)
+        print(
+            f"  {name:<28} seq {seq / per:7.3f} {seq_rows / per:9.1f}"
+            f"   idx {idx / per:7.3f} {idx_rows / per:9.1f}"
+        )
 
 
 def print_batches(url: str, seq: int) -> None:
