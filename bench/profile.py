@@ -22,14 +22,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench import checks
 from bench.procstat import CpuMeter
-from bench.run import Run, loadgen, mixed_config, parse, start_service
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, migrate
+from bench.run import loadgen, mixed_config, parse, servers, start_service
 
 
 def _py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
@@ -93,50 +91,39 @@ def main(argv: list[str] | None = None) -> int:
     if own.traces:
         own.traces.mkdir(parents=True, exist_ok=True)
     args = parse([f"--stack-env={e}" for e in own.stack_env])
-    with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
-        work = Path(tmp)
-        pg, rd = EmbeddedPostgres(work / "pg" / "data"), EmbeddedRedis(work / "redis")
-        pg.start()
-        rd.start()
-        run = Run(args, work, pg, rd)
-        try:
-            migrate(pg.url)
-            start_service(run)
-            cfg: dict[str, Any] = mixed_config(run, own.rate, own.seconds, seed=int(own.rate))
-            cfg["bucket_seconds"] = 5
-            groups = run.service_groups()
-            spies: list[subprocess.Popen[bytes]] = []
-            traces: dict[str, list[Path]] = collections.defaultdict(list)
+    with servers(args) as run:
+        pg, work = run.pg, run.work
+        start_service(run)
+        cfg: dict[str, Any] = mixed_config(run, own.rate, own.seconds, seed=int(own.rate))
+        cfg["bucket_seconds"] = 5
+        groups = run.service_groups()
+        spies: list[subprocess.Popen[bytes]] = []
+        traces: dict[str, list[Path]] = collections.defaultdict(list)
 
-            def on_event(name: str) -> None:
-                if name != "started" or not own.py_spy:
-                    return
-                targets = {**groups, "generator": _generator()}
-                for group in ("web", "worker", "generator"):
-                    for pid in _children(targets.get(group, [])):
-                        out = (own.traces or work) / f"{group}-{pid}.txt"
-                        traces[group].append(out)
-                        spies.append(_py_spy(pid, own.seconds, out))
+        def on_event(name: str) -> None:
+            if name != "started" or not own.py_spy:
+                return
+            targets = {**groups, "generator": _generator()}
+            for group in ("web", "worker", "generator"):
+                for pid in _children(targets.get(group, [])):
+                    out = (own.traces or work) / f"{group}-{pid}.txt"
+                    traces[group].append(out)
+                    spies.append(_py_spy(pid, own.seconds, out))
 
-            jobs_before, seq_before = run.work_units(), checks.last_seq(pg.url)
-            scans_before = table_scans(pg.url)
-            meter = CpuMeter(run.service_groups)
-            meter.start()
-            result, generator_cpu = loadgen("mixed", cfg, work, on_event)
-            checks.wait_drained(pg.url, args.drain_timeout)
-            cpu = meter.stop()
-            cpu["generator"] = generator_cpu
-            jobs = run.work_units() - jobs_before
-            for spy in spies:
-                spy.wait()
-            report(own, result, cpu, jobs, traces)
-            print_batches(pg.url, seq_before)
-            print_scans(scans_before, table_scans(pg.url), jobs)
-        finally:
-            if run.stack is not None:
-                run.stack.stop()
-            rd.stop()
-            pg.stop()
+        jobs_before, seq_before = run.work_units(), checks.last_seq(pg.url)
+        scans_before = table_scans(pg.url)
+        meter = CpuMeter(run.service_groups)
+        meter.start()
+        result, generator_cpu = loadgen("mixed", cfg, work, on_event)
+        checks.wait_drained(pg.url, args.drain_timeout)
+        cpu = meter.stop()
+        cpu["generator"] = generator_cpu
+        jobs = run.work_units() - jobs_before
+        for spy in spies:
+            spy.wait()
+        report(own, result, cpu, jobs, traces)
+        print_batches(pg.url, seq_before)
+        print_scans(scans_before, table_scans(pg.url), jobs)
     return 0
 
 

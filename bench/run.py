@@ -1280,8 +1280,11 @@ def start_service(run: Run) -> None:
     run.coupons = create_coupons(run.base, run.args.coupons, run.args.coupon_quantity)
 
 
-def execute(args: argparse.Namespace, stamp: str) -> list[Row]:
-    rows: list[Row] = []
+@contextmanager
+def servers(args: argparse.Namespace, keep_as: str | None = None) -> Iterator[Run]:
+    """A run's own PostgreSQL (migrated) and Redis in a temporary folder, the stack
+    stopped and both servers after; ``keep_as``: the folder is copied (without the
+    database) to ``bench/results/<keep_as>-work``."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
         pg, rd = EmbeddedPostgres(work / "pg" / "data"), EmbeddedRedis(work / "redis")
@@ -1290,25 +1293,32 @@ def execute(args: argparse.Namespace, stamp: str) -> list[Row]:
         run = Run(args, work, pg, rd)
         try:
             migrate(pg.url)
-            for name, step in plan(run):
-                if name != "ceilings" and run.stack is None:
-                    start_service(run)
-                print(f"{name} ...", flush=True)
-                try:
-                    rows += step()
-                except Exception as exc:  # one scenario's failure must not hide the others
-                    traceback.print_exc()
-                    rows.append(
-                        {"section": "crash", "scenario": name, "system": "-", "crashed": repr(exc)}
-                    )
+            yield run
         finally:
             if run.stack is not None:
                 run.stack.stop()
             rd.stop()
             pg.stop()
-            if os.environ.get("BENCH_KEEP_LOGS"):
+            if keep_as is not None:
                 shutil.copytree(
-                    work, RESULTS / f"{stamp}-work", ignore=shutil.ignore_patterns("pg")
+                    work, RESULTS / f"{keep_as}-work", ignore=shutil.ignore_patterns("pg")
+                )
+
+
+def execute(args: argparse.Namespace, stamp: str) -> list[Row]:
+    rows: list[Row] = []
+    keep_as = stamp if os.environ.get("BENCH_KEEP_LOGS") else None
+    with servers(args, keep_as) as run:
+        for name, step in plan(run):
+            if name != "ceilings" and run.stack is None:
+                start_service(run)
+            print(f"{name} ...", flush=True)
+            try:
+                rows += step()
+            except Exception as exc:  # one scenario's failure must not hide the others
+                traceback.print_exc()
+                rows.append(
+                    {"section": "crash", "scenario": name, "system": "-", "crashed": repr(exc)}
                 )
     return rows
 
