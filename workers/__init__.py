@@ -7,6 +7,7 @@ its wire name; importing this package builds nothing.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from pathlib import Path
@@ -147,6 +148,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
             app.send_task(RETENTION_TASK, queue=MAINTENANCE_QUEUE)
 
     signals.beat_init.connect(retention_at_start, weak=False)
+
+    def freeze_start_up_objects(**_kwargs: Any) -> None:
+        # What the worker built to start (Celery, kombu, SQLAlchemy, the tasks) lives as
+        # long as the process: frozen out of the collector's generations, a full
+        # collection walks only what was made since (as web does, web/wsgi.py).
+        gc.freeze()
+
+    signals.worker_ready.connect(freeze_start_up_objects, weak=False)
 
     runtime = Runtime(settings, send)
     app.conf.shop_runtime = runtime
