@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import select
+import time
 from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
 from psycopg.abc import PQGen
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,6 +28,36 @@ ISOLATION_LEVEL = "READ COMMITTED"
 RV = TypeVar("RV")
 # psycopg's own poll interval while it waits (its Ctrl-C check), kept.
 _WAIT_INTERVAL = 0.1
+
+
+# How long a connection keeps the plans PostgreSQL made for its prepared statements
+# (``refresh_stale_plans``).
+PLAN_LIFETIME_SECONDS = 5.0
+_DISCARD_PLANS = text("DISCARD PLANS")
+
+
+def refresh_stale_plans(
+    session: Session, lifetime: float = PLAN_LIFETIME_SECONDS, clock: Any = time.monotonic
+) -> bool:
+    """Drop the plans the session's connection has kept for ``lifetime`` seconds or more;
+    whether it did.
+
+    psycopg prepares a statement run often, and PostgreSQL then keeps one generic plan
+    for it until the tables' statistics change.  A plan made while a table was nearly
+    empty (a new day's job partition, a new shop's orders) scans it whole, and goes on
+    scanning it as it grows until autovacuum first analyzes it, a minute or more later.
+    Dropped every few seconds, the plans are made again from the tables' size then:
+    one ``DISCARD PLANS`` per connection every ``lifetime`` seconds (the prepared
+    statements stay prepared).
+    """
+    info = session.connection().info
+    now = clock()
+    made = info.setdefault("plans_made_at", now)
+    if now - made < lifetime:
+        return False
+    session.execute(_DISCARD_PLANS)
+    info["plans_made_at"] = now
+    return True
 
 
 def make_engine(

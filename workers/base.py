@@ -42,7 +42,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.cache import ProductCache, make_redis
 from shared.config import Settings
-from shared.db import make_engine, make_session_factory, worker_client_timeout
+from shared.db import (
+    make_engine,
+    make_session_factory,
+    refresh_stale_plans,
+    worker_client_timeout,
+)
 from shared.domain.errors import DomainError, ErrorCode
 from shared.domain.products import get_products, product_document
 from shared.jobs import (
@@ -343,6 +348,7 @@ def apply_next_batch(rt: Runtime, queues: list[str]) -> int:
     jobs: list[JobRecord] = []
     try:
         with rt.session_factory() as session, session.begin():
+            refresh_stale_plans(session)
             jobs = lock_pending_batch(session, queues, rt.settings.batch_size)
             _apply_batch(rt, session, jobs, effects)
     except Exception as exc:
