@@ -127,12 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _child_pids(pid: int) -> list[int]:
+    listing = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in listing.read_text().split()] if listing.exists() else []
+
+
 def _generator() -> list[int]:
     """The ``bench.loadgen`` process this one started (it has no children of its own)."""
-    listing = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
     return [
         pid
-        for pid in map(int, listing.read_text().split())
+        for pid in _child_pids(os.getpid())
         if b"bench.loadgen" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
 
@@ -141,9 +145,7 @@ def _children(roots: list[int]) -> list[int]:
     """The roots' child processes (gunicorn's and Celery's forked workers), else the roots."""
     found: list[int] = []
     for root in roots:
-        listing = Path(f"/proc/{root}/task/{root}/children")
-        kids = [int(x) for x in listing.read_text().split()] if listing.exists() else []
-        found += kids or [root]
+        found += _child_pids(root) or [root]
     return found
 
 
