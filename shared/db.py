@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import select
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
@@ -37,7 +38,9 @@ _DISCARD_PLANS = text("DISCARD PLANS")
 
 
 def refresh_stale_plans(
-    session: Session, lifetime: float = PLAN_LIFETIME_SECONDS, clock: Any = time.monotonic
+    session: Session,
+    lifetime: float = PLAN_LIFETIME_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
 ) -> bool:
     """Drop the plans the session's connection has kept for ``lifetime`` seconds or more;
     whether it did.

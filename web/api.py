@@ -197,7 +197,8 @@ def has_body() -> bool:
 def _read_body() -> bytes:
     limit = settings().max_body_bytes
     try:
-        if request.content_length is None and has_body():
+        length = request.content_length
+        if length is None and has_body():
             # Chunked: werkzeug would silently stop at the limit; read one byte past it.
             raw: bytes = request.environ["wsgi.input"].read(limit + 1)
             if len(raw) > limit:
@@ -206,7 +207,6 @@ def _read_body() -> bytes:
                 )
             g.body_read = True
             return raw
-        length = request.content_length
         if length is not None and length <= limit:
             # Straight from the server's stream: werkzeug's get_data wraps it in a limited
             # stream and reads it through that (~2.5 % of a job POST's CPU in web, py-spy).
