@@ -69,8 +69,9 @@ RATIOS: list[Column] = [
 ]
 
 SCALING: list[Column] = [
+    col("load", "scaling_load"),
     col("web processes", "web_processes"),
-    col("orders/s", "per_s"),
+    col("jobs/s", "per_s"),
     col("web ms/job", "web_ms", 3),
     col("total ms/job", "total_ms", 3),
     col("against", "against"),
@@ -162,7 +163,7 @@ AUTH: list[Column] = [
 SECTIONS: list[tuple[str, str, list[Column]]] = [
     ("closed", "Closed loop (wrk, one user per connection)", CLOSED),
     ("ratios", "Ratios: this service / straight design (closed loop)", RATIOS),
-    ("scaling", "Scaling with web processes (closed loop spread, Prefer: wait)", SCALING),
+    ("scaling", "Scaling with web processes (per load, against its fewest processes)", SCALING),
     ("mixed", "Open loop mixed, every job awaited (bench/loadgen.py)", MIXED),
     ("longpoll", "Long polls held (worker stopped; probe reads and order POSTs)", LONGPOLL),
     ("open", "Open loop, fire and forget (wrk, 64 connections)", OPEN),
@@ -183,6 +184,7 @@ TEXT_COLUMNS = {
     "note",
     "invariants",
     "not grown (<= 1.05x)",
+    "load",
 }
 
 
@@ -246,7 +248,7 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.set_xticks(range(len(closed)), labels, rotation=35, ha="right", fontsize=6)
         ax.set_title(f"{title} (blue: this service, grey: straight design)", fontsize=9)
     mixed = [r for r in rows if r.get("section") == "mixed"]
-    rates = [f"{r['rate']:g}/s offered" for r in mixed]
+    rates = [r["scenario"].removeprefix("mixed open loop, ") for r in mixed]
     if mixed:
         ax = axes[1][0]
         _bars(

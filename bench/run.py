@@ -639,64 +639,91 @@ def restart_web(run: Run, processes: int) -> None:
 
 
 def web_scaling(run: Run) -> list[Row]:
-    """The closed-spread load (``Prefer: wait``) with each of ``--web-processes`` gunicorn
-    workers: a job's CPU must not grow with the web processes (each parses only the
-    outcomes of its own waiters)."""
+    """Each of ``--web-processes`` gunicorn worker counts under two loads: the
+    closed-spread load (``Prefer: wait``), which saturates the machine, and the mixed
+    load at the fixed ``--web-scaling-rate``, which does not.  A job's CPU must not grow
+    with the web processes (each parses only the outcomes of its own waiters); the fixed
+    rate shows that cost alone, the closed loop adds what more processes than cores cost
+    when every core is busy (smaller group commits, more switches)."""
     args = run.args
     users = args.spread_users
     rows = []
     try:
         for processes in args.web_processes:
             restart_web(run, processes)
-            scenario = f"closed loop, {users} users, 200 products, {processes} web processes"
-            row: Row = {
-                "section": "closed",
-                "key": "web-scaling",
-                "scenario": scenario,
-                "system": "this service",
-                "web_processes": processes,
-            }
-            with run.measured(row, run.service_groups) as extra:
-                stats = closed_load(
-                    run,
-                    run.base,
-                    run.spread[0],
-                    run.spread[-1],
-                    users=users,
-                    prefer=str(args.prefer_wait),
-                )
-                extra["generator"] = stats["generator_cpu_s"]
-            row.update(client="prefer", users=users, **closed_stats(stats))
-            rows.append(row)
-            print_progress(row)
+            rows.append(_scaling_closed(run, processes, users))
+            rows.append(_scaling_open(run, processes))
     finally:
         restart_web(run, 2)
     return rows
 
 
+def _scaling_closed(run: Run, processes: int, users: int) -> Row:
+    row: Row = {
+        "section": "closed",
+        "key": "web-scaling",
+        "scaling_load": f"closed loop, {users} users (saturating)",
+        "scenario": f"closed loop, {users} users, 200 products, {processes} web processes",
+        "system": "this service",
+        "web_processes": processes,
+    }
+    with run.measured(row, run.service_groups) as extra:
+        stats = closed_load(
+            run,
+            run.base,
+            run.spread[0],
+            run.spread[-1],
+            users=users,
+            prefer=str(run.args.prefer_wait),
+        )
+        extra["generator"] = stats["generator_cpu_s"]
+    row.update(client="prefer", users=users, **closed_stats(stats))
+    print_progress(row)
+    return row
+
+
+def _scaling_open(run: Run, processes: int) -> Row:
+    rate = run.args.web_scaling_rate
+    row: Row = {
+        "section": "mixed",
+        "key": "web-scaling",
+        "scaling_load": f"mixed open loop, {rate:g} req/s",
+        "scenario": f"mixed open loop, {rate:g} req/s offered, {processes} web processes",
+        "system": "this service",
+        "web_processes": processes,
+    }
+    mixed_load(run, row, rate, run.args.web_scaling_seconds, seed=processes)
+    print_progress(row)
+    return row
+
+
 def scaling_rows(rows: list[Row]) -> list[Row]:
-    """Per-job CPU of each web-scaling row against the fewest web processes measured."""
+    """Per-job CPU of each web-scaling row against the fewest web processes measured
+    under the same load."""
+    out = []
     measured = [r for r in rows if r.get("key") == "web-scaling" and r.get("cpu_ms_per_job")]
-    if not measured:
-        return []
-    first = min(measured, key=lambda r: r["web_processes"])
+    for load in dict.fromkeys(r["scaling_load"] for r in measured):
+        same_load = [r for r in measured if r["scaling_load"] == load]
+        first = min(same_load, key=lambda r: r["web_processes"])
+        out += [
+            {
+                "scaling_load": load,
+                "web_processes": r["web_processes"],
+                "per_s": r["per_s"],
+                "web_ms": r["cpu_ms_per_job"].get("web"),
+                "total_ms": _total_ms(r),
+                "against": f"{first['web_processes']} web processes",
+                "cpu_ratio": _total_ms(r) / _total_ms(first) if _total_ms(first) else float("nan"),
+                # Noise of a shared 2-core machine aside: 5 % more is "grown".
+                "met": _total_ms(r) <= _total_ms(first) * 1.05,
+            }
+            for r in same_load
+        ]
+    return out
 
-    def total(row: Row) -> float:
-        return float(sum(row["cpu_ms_per_job"].values()))
 
-    return [
-        {
-            "web_processes": r["web_processes"],
-            "per_s": r["per_s"],
-            "web_ms": r["cpu_ms_per_job"].get("web"),
-            "total_ms": total(r),
-            "against": f"{first['web_processes']} web processes",
-            "cpu_ratio": total(r) / total(first) if total(first) else float("nan"),
-            # Noise of a shared 2-core machine aside: 5 % more is "grown".
-            "met": total(r) <= total(first) * 1.05,
-        }
-        for r in measured
-    ]
+def _total_ms(row: Row) -> float:
+    return float(sum(row["cpu_ms_per_job"].values()))
 
 
 def ratios(rows: list[Row]) -> list[Row]:
@@ -775,40 +802,46 @@ def mixed(run: Run) -> list[Row]:
             "system": "this service",
             "rate": rate,
         }
-        cfg = mixed_config(run, rate, args.mixed_seconds, seed=int(rate))
-        sampler = checks.BacklogSampler(run.pg.url)
-        at_end: dict[str, int] = {}
-
-        def on_event(name: str, at_end: dict[str, int] = at_end) -> None:
-            if name == "scheduled":
-                at_end.update(checks.pending(run.pg.url))
-
-        with run.measured(row, run.service_groups) as extra:
-            sampler.start()
-            try:
-                result, cpu = loadgen("mixed", cfg, run.work, on_event)
-            finally:
-                backlog = sampler.stop()
-            extra["generator"] = cpu
-        backlog["at_end_of_load"] = sum(at_end.values())
-        backlog["worst_partition_at_end"] = max(at_end.values(), default=0)
-        row.update(
-            per_s=result["completed_per_s"],
-            offered_per_s=result["offered_per_s"],
-            jobs_offered_per_s=result["jobs_offered"] / args.mixed_seconds,
-            accepted_per_s=result["accepted_per_s"],
-            completed_per_s=result["completed_per_s"],
-            completion_p50_ms=result["completion"]["p50_ms"],
-            completion_p99_ms=result["completion"]["p99_ms"],
-            read_p99_ms=result["read"]["p99_ms"],
-            errors=result["error_count"],
-            generator_lag_ms=result["generator_worst_lag_ms"],
-            backlog=backlog,
-            loadgen=result,
-        )
-        rows.append(row)
+        rows.append(mixed_load(run, row, rate, args.mixed_seconds, seed=int(rate)))
         print_progress(row)
     return rows
+
+
+def mixed_load(run: Run, row: Row, rate: float, seconds: float, *, seed: int) -> Row:
+    """``row`` filled with the mixed load at ``rate`` for ``seconds``: its completions,
+    its backlog (sampled) and the CPU of the service's processes."""
+    cfg = mixed_config(run, rate, seconds, seed=seed)
+    sampler = checks.BacklogSampler(run.pg.url)
+    at_end: dict[str, int] = {}
+
+    def on_event(name: str) -> None:
+        if name == "scheduled":
+            at_end.update(checks.pending(run.pg.url))
+
+    with run.measured(row, run.service_groups) as extra:
+        sampler.start()
+        try:
+            result, cpu = loadgen("mixed", cfg, run.work, on_event)
+        finally:
+            backlog = sampler.stop()
+        extra["generator"] = cpu
+    backlog["at_end_of_load"] = sum(at_end.values())
+    backlog["worst_partition_at_end"] = max(at_end.values(), default=0)
+    row.update(
+        per_s=result["completed_per_s"],
+        offered_per_s=result["offered_per_s"],
+        jobs_offered_per_s=result["jobs_offered"] / seconds,
+        accepted_per_s=result["accepted_per_s"],
+        completed_per_s=result["completed_per_s"],
+        completion_p50_ms=result["completion"]["p50_ms"],
+        completion_p99_ms=result["completion"]["p99_ms"],
+        read_p99_ms=result["read"]["p99_ms"],
+        errors=result["error_count"],
+        generator_lag_ms=result["generator_worst_lag_ms"],
+        backlog=backlog,
+        loadgen=result,
+    )
+    return row
 
 
 # ---- soak: the mixed load for a long time, retention shortened --------------------------
@@ -1111,6 +1144,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=csv(int),
         default=[2, 4],
         help="gunicorn workers of each web-scaling load (default 2,4)",
+    )
+    p.add_argument(
+        "--web-scaling-rate",
+        type=float,
+        default=400,
+        help="the web-scaling scenario's fixed mixed rate, req/s (default 400)",
+    )
+    p.add_argument(
+        "--web-scaling-seconds",
+        type=float,
+        default=20,
+        help="length of each web-scaling mixed load (default 20)",
     )
     p.add_argument("--poll-wait", type=int, default=5, help="GET /v1/jobs/{id}?wait=N (default 5)")
     p.add_argument(
