@@ -62,7 +62,7 @@ def top_functions(
             continue
         for line in file.read_text().splitlines():
             stack, _, count_text = line.rpartition(" ")
-            if not stack:
+            if not stack or not count_text.isdigit():  # py-spy's own remarks, if any
                 continue
             count = int(count_text)
             frames = [_frame(f) for f in stack.split(";")[1:]]  # [0] is the thread
