@@ -705,6 +705,7 @@ def scaling_rows(rows: list[Row]) -> list[Row]:
     for load in dict.fromkeys(r["scaling_load"] for r in measured):
         same_load = [r for r in measured if r["scaling_load"] == load]
         first = min(same_load, key=lambda r: r["web_processes"])
+        base = _total_ms(first)
         out += [
             {
                 "scaling_load": load,
@@ -713,9 +714,9 @@ def scaling_rows(rows: list[Row]) -> list[Row]:
                 "web_ms": r["cpu_ms_per_job"].get("web"),
                 "total_ms": _total_ms(r),
                 "against": f"{first['web_processes']} web processes",
-                "cpu_ratio": _total_ms(r) / _total_ms(first) if _total_ms(first) else float("nan"),
+                "cpu_ratio": _total_ms(r) / base if base else float("nan"),
                 # Noise of a shared 2-core machine aside: 5 % more is "grown".
-                "met": _total_ms(r) <= _total_ms(first) * 1.05,
+                "met": _total_ms(r) <= base * 1.05,
             }
             for r in same_load
         ]
