@@ -46,6 +46,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -591,6 +592,10 @@ def closed_load(run: Run, url: str, lo: int, hi: int, *, users: int, prefer: str
 
 
 def closed_loop(run: Run, name: str) -> list[Row]:
+    """The closed-loop load ``name`` on this service (each client model), then on the
+    straight design (each worker count); ``--rounds`` times over, alternating, so that a
+    machine's drift reaches both sides (``ratios`` takes each round's pairs, then their
+    median)."""
     args = run.args
     if name == "closed-spread":
         scenario, users = f"closed loop, {args.spread_users} users, 200 products", args.spread_users
@@ -602,30 +607,41 @@ def closed_loop(run: Run, name: str) -> list[Row]:
         base_lo = base_hi = run.baseline_hot
 
     rows = []
-    for model in args.models:
-        system = "this service"
-        row: Row = {"section": "closed", "key": name, "scenario": scenario, "system": system}
-        prefer = str(args.prefer_wait) if model == "prefer" else ""
-        with run.measured(row, run.service_groups) as extra:
-            stats = closed_load(run, run.base, svc_lo, svc_hi, users=users, prefer=prefer)
-            extra["generator"] = stats["generator_cpu_s"]
-        row.update(client=model, users=users, **closed_stats(stats))
-        rows.append(row)
-        print_progress(row)
-    if args.no_baseline:
-        return rows
-    for workers in args.baseline_workers:
-        with run.baseline(workers) as (url, groups):
-            system = f"straight design, {workers} sync workers"
-            row = {"section": "closed", "key": name, "scenario": scenario, "system": system}
-            with run.measured(row, groups) as extra:
-                stats = closed_load(
-                    run, url, base_lo, base_hi, users=users, prefer=str(args.prefer_wait)
-                )
+    for round_no in range(1, args.rounds + 1):
+        label = scenario if args.rounds == 1 else f"{scenario}, round {round_no}"
+
+        def new_row(system: str, label: str = label, round_no: int = round_no) -> Row:
+            return {
+                "section": "closed",
+                "key": name,
+                "scenario": label,
+                "base_scenario": scenario,
+                "round": round_no,
+                "system": system,
+            }
+
+        for model in args.models:
+            row = new_row("this service")
+            prefer = str(args.prefer_wait) if model == "prefer" else ""
+            with run.measured(row, run.service_groups) as extra:
+                stats = closed_load(run, run.base, svc_lo, svc_hi, users=users, prefer=prefer)
                 extra["generator"] = stats["generator_cpu_s"]
-            row.update(client="one POST (200)", users=users, **closed_stats(stats))
+            row.update(client=model, users=users, **closed_stats(stats))
             rows.append(row)
             print_progress(row)
+        if args.no_baseline:
+            continue
+        for workers in args.baseline_workers:
+            with run.baseline(workers) as (url, groups):
+                row = new_row(f"straight design, {workers} sync workers")
+                with run.measured(row, groups) as extra:
+                    stats = closed_load(
+                        run, url, base_lo, base_hi, users=users, prefer=str(args.prefer_wait)
+                    )
+                    extra["generator"] = stats["generator_cpu_s"]
+                row.update(client="one POST (200)", users=users, **closed_stats(stats))
+                rows.append(row)
+                print_progress(row)
     return rows
 
 
@@ -728,48 +744,79 @@ def _total_ms(row: Row) -> float:
 
 
 def ratios(rows: list[Row]) -> list[Row]:
-    """Every (this service / straight design) pair of each closed-loop scenario."""
+    """Every (this service / straight design) pair of each closed-loop scenario and round;
+    with several rounds, then the median of each round's ratio to its best straight design."""
     out = []
     for key in ("closed-spread", "closed-hot"):
-        mine = [r for r in rows if r.get("key") == key and r["system"] == "this service"]
-        theirs = [r for r in rows if r.get("key") == key and r["system"] != "this service"]
-        if not mine or not theirs:
-            continue
-        best = max(theirs, key=lambda r: r["per_s"])
-        for m in mine:
-            for t in theirs:
-                ratio = m["per_s"] / t["per_s"] if t["per_s"] else float("nan")
-                p99 = m["cycle_p99_ms"] / t["cycle_p99_ms"] if t["cycle_p99_ms"] else float("nan")
-                out.append(
-                    {
-                        "key": key,
-                        "scenario": m["scenario"],
-                        "client": m["client"],
-                        "against": t["system"],
-                        "orders_ratio": ratio,
-                        "p99_ratio": p99,
-                    }
-                )
-            target = TARGETS[key]
-            ratio = m["per_s"] / best["per_s"] if best["per_s"] else float("nan")
-            met = ratio >= target and (
-                key != "closed-hot" or m["cycle_p99_ms"] < best["cycle_p99_ms"]
-            )
-            out.append(
-                {
-                    "key": key,
-                    "scenario": m["scenario"],
-                    "client": m["client"],
-                    "against": "the best of them: "
-                    + best["system"].removeprefix("straight design, "),
-                    "orders_ratio": ratio,
-                    "p99_ratio": m["cycle_p99_ms"] / best["cycle_p99_ms"]
-                    if best["cycle_p99_ms"]
-                    else float("nan"),
-                    "target": f">= {target:.1f}x" + (", lower p99" if key == "closed-hot" else ""),
-                    "met": met,
-                }
-            )
+        of_key = [r for r in rows if r.get("key") == key]
+        rounds = sorted({r.get("round", 1) for r in of_key})
+        for round_no in rounds:
+            out += _round_ratios(key, [r for r in of_key if r.get("round", 1) == round_no])
+        if len(rounds) > 1:
+            out += _median_ratios(key, [r for r in out if r["key"] == key and "target" in r])
+    return out
+
+
+def _target(key: str) -> str:
+    return f">= {TARGETS[key]:.1f}x" + (", lower p99" if key == "closed-hot" else "")
+
+
+def _met(key: str, orders_ratio: float, p99_ratio: float) -> bool:
+    return orders_ratio >= TARGETS[key] and (key != "closed-hot" or p99_ratio < 1.0)
+
+
+def _round_ratios(key: str, rows: list[Row]) -> list[Row]:
+    """One round's pairs: each client model against each straight design, then against
+    the best of them (the row the target is judged on)."""
+    mine = [r for r in rows if r["system"] == "this service"]
+    theirs = [r for r in rows if r["system"] != "this service"]
+    if not mine or not theirs:
+        return []
+    best = max(theirs, key=lambda r: r["per_s"])
+    out = []
+    for m in mine:
+        out += [_pair(key, m, t) for t in theirs]
+        judged = _pair(key, m, best)
+        judged["against"] = "the best of them: " + best["system"].removeprefix("straight design, ")
+        judged.update(
+            target=_target(key), met=_met(key, judged["orders_ratio"], judged["p99_ratio"])
+        )
+        out.append(judged)
+    return out
+
+
+def _pair(key: str, mine: Row, theirs: Row) -> Row:
+    return {
+        "key": key,
+        "scenario": mine["scenario"],
+        "base_scenario": mine.get("base_scenario", mine["scenario"]),
+        "client": mine["client"],
+        "against": theirs["system"],
+        "orders_ratio": mine["per_s"] / theirs["per_s"] if theirs["per_s"] else float("nan"),
+        "p99_ratio": mine["cycle_p99_ms"] / theirs["cycle_p99_ms"]
+        if theirs["cycle_p99_ms"]
+        else float("nan"),
+    }
+
+
+def _median_ratios(key: str, best_rows: list[Row]) -> list[Row]:
+    out = []
+    for client in dict.fromkeys(r["client"] for r in best_rows):
+        of_client = [r for r in best_rows if r["client"] == client]
+        orders = statistics.median(r["orders_ratio"] for r in of_client)
+        p99 = statistics.median(r["p99_ratio"] for r in of_client)
+        out.append(
+            {
+                "key": key,
+                "scenario": of_client[0]["base_scenario"],
+                "client": client,
+                "against": f"each round's best, median of {len(of_client)} rounds",
+                "orders_ratio": orders,
+                "p99_ratio": p99,
+                "target": _target(key),
+                "met": _met(key, orders, p99),
+            }
+        )
     return out
 
 
@@ -1159,6 +1206,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="length of each web-scaling mixed load (default 20)",
     )
     p.add_argument("--poll-wait", type=int, default=5, help="GET /v1/jobs/{id}?wait=N (default 5)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="closed-loop scenarios run this many times, this service and the straight "
+        "design alternating; ratios per round and their median (default 1)",
+    )
     p.add_argument(
         "--baseline-workers",
         type=csv(int),
