@@ -230,6 +230,27 @@ def _bars(ax: Any, groups: list[tuple[str, list[float]]], labels: list[str]) -> 
     ax.set_xticks(range(len(labels)), labels)
 
 
+_LABEL_WORDS = [
+    ("closed loop, ", ""),
+    (" users, 200 products", " users spread"),
+    (" users, 1 hot product", " users hot"),
+    (", round ", ", r"),
+    (" web processes", " web"),
+    ("straight design, ", "straight "),
+    (" sync workers", "w"),
+    ("this service", "service"),
+    ("one POST (200)", ""),
+]
+
+
+def _closed_label(row: Row) -> str:
+    """A closed-loop bar's label, short enough for many bars (rounds, web processes)."""
+    text = f"{row['scenario']}\n{row['system']} {row['client']}"
+    for long, short in _LABEL_WORDS:
+        text = text.replace(long, short)
+    return text.strip()
+
+
 def plot(rows: list[Row], path: Path) -> None:
     import matplotlib
 
@@ -238,17 +259,25 @@ def plot(rows: list[Row], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
     closed = [r for r in rows if r.get("section") == "closed"]
-    labels = [f"{r['scenario']}\n{r['system']}\n{r['client']}" for r in closed]
+    labels = [_closed_label(r) for r in closed]
     colors = ["tab:blue" if r["system"] == "this service" else "tab:gray" for r in closed]
     for ax, key, title in (
         (axes[0][0], "per_s", "closed loop: orders completed per second"),
         (axes[0][1], "cycle_p99_ms", "closed loop: cycle p99, ms"),
     ):
         ax.bar(range(len(closed)), [r[key] for r in closed], color=colors)
-        ax.set_xticks(range(len(closed)), labels, rotation=35, ha="right", fontsize=6)
+        # Rounds and web-process counts make many bars: upright labels then.
+        rotation = 90 if len(closed) > 12 else 35
+        ax.set_xticks(range(len(closed)), labels, rotation=rotation, ha="right", fontsize=6)
         ax.set_title(f"{title} (blue: this service, grey: straight design)", fontsize=9)
     mixed = [r for r in rows if r.get("section") == "mixed"]
-    rates = [r["scenario"].removeprefix("mixed open loop, ") for r in mixed]
+    rates = [
+        r["scenario"]
+        .removeprefix("mixed open loop, ")
+        .replace(" req/s offered", "/s")
+        .replace(" web processes", " web")
+        for r in mixed
+    ]
     if mixed:
         ax = axes[1][0]
         _bars(
@@ -279,6 +308,9 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.set_yscale("log")
         ax.legend(fontsize=7)
         ax.set_title("open loop mixed: completion latency (log scale)", fontsize=9)
+    else:  # a run without the mixed load: no empty frames
+        for ax in axes[1]:
+            ax.axis("off")
     fig.suptitle("Shop back end vs the straight design (one run, the same 2 cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
