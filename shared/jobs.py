@@ -36,9 +36,10 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
+from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
 from sqlalchemy.orm import Session
 
+from shared.domain.batch_rows import any_of
 from shared.domain.errors import ErrorCode
 from shared.formats import rfc3339
 from shared.models import Job, JobIdempotencyKey
@@ -421,7 +422,7 @@ def get_job(executor: Executor, job_id: uuid.UUID) -> JobRecord | None:
 
 
 _FINISHED_AMONG = _SELECT.where(
-    _jobs.c.id == func.any(bindparam("job_ids", type_=ARRAY(UUID(as_uuid=True)))),
+    _jobs.c.id == any_of("job_ids", UUID(as_uuid=True)),
     _jobs.c.status != JobStatus.PENDING.value,
 )
 
@@ -676,7 +677,7 @@ _OUTCOMES = (
 _FINISH = (
     update(_jobs)
     .where(
-        _jobs.c.id == func.any(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+        _jobs.c.id == any_of("ids", UUID(as_uuid=True)),
         _jobs.c.id == _OUTCOMES.c.id,
         _jobs.c.status == JobStatus.PENDING.value,
     )

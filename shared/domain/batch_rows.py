@@ -35,10 +35,16 @@ def unnest_rows(name: str, **columns: TypeEngine[Any]) -> Subquery:
     ).subquery(name=name)
 
 
+def any_of(param: str, type_: TypeEngine[Any]) -> ColumnElement[Any]:
+    """``ANY(:<param>)``, ``param`` one array of ``type_``: ``table.c.key == any_of(...)``
+    finds a batch's rows by key in one statement whatever the batch size."""
+    return func.any(bindparam(param, type_=ARRAY(type_)))
+
+
 def batch_keys(name: str, column: str, type_: TypeEngine[Any]) -> ColumnElement[Any]:
     """``ANY(:<name>_<column>)``: the key column of ``unnest_rows(name, ...)`` as an array,
     for ``table.c.key == batch_keys(...)`` beside the join to the unnest (module doc)."""
-    return func.any(bindparam(f"{name}_{column}", type_=ARRAY(type_)))
+    return any_of(f"{name}_{column}", type_)
 
 
 def rows_params(

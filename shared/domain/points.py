@@ -15,10 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import BigInteger, Select, Table, bindparam, func, insert, select, text
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import BigInteger, Select, Table, func, insert, select, text
 from sqlalchemy.orm import Session
 
+from shared.domain.batch_rows import any_of
 from shared.domain.errors import DomainError, InsufficientPoints, PointLimitExceeded, unwrap
 from shared.models import MAX_BALANCE, PointBalance, PointHistory
 
@@ -52,7 +52,7 @@ _CREATE_ZERO = text(
 )
 _LOCK_BALANCES = (
     select(_points.c.user_id, _points.c.balance)
-    .where(_points.c.user_id == func.any(bindparam("users", type_=ARRAY(BigInteger()))))
+    .where(_points.c.user_id == any_of("users", BigInteger()))
     .order_by(_points.c.user_id)
     .with_for_update()
 )

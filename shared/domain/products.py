@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 from sqlalchemy import BigInteger, ColumnElement, Select, Table, bindparam, func, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
+from shared.domain.batch_rows import any_of
 from shared.domain.errors import NotFound
 from shared.formats import rfc3339
 from shared.models import Product, ProductTotal
@@ -216,7 +216,7 @@ class ProductRow(NamedTuple):
 
 _LOCK_PRODUCTS = (
     select(*PRODUCT_COLUMNS)
-    .where(_products.c.id == func.any(bindparam("ids", type_=ARRAY(BigInteger()))))
+    .where(_products.c.id == any_of("ids", BigInteger()))
     .order_by(_products.c.id)
     .with_for_update()
 )
