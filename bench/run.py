@@ -621,28 +621,55 @@ def closed_loop(run: Run, name: str) -> list[Row]:
             }
 
         for model in args.models:
-            row = new_row("this service")
             prefer = str(args.prefer_wait) if model == "prefer" else ""
-            with run.measured(row, run.service_groups) as extra:
-                stats = closed_load(run, run.base, svc_lo, svc_hi, users=users, prefer=prefer)
-                extra["generator"] = stats["generator_cpu_s"]
-            row.update(client=model, users=users, **closed_stats(stats))
-            rows.append(row)
-            print_progress(row)
+            rows.append(
+                measure_closed(
+                    run,
+                    new_row("this service"),
+                    run.service_groups,
+                    (run.base, svc_lo, svc_hi),
+                    users=users,
+                    prefer=prefer,
+                    client=model,
+                )
+            )
         if args.no_baseline:
             continue
         for workers in args.baseline_workers:
             with run.baseline(workers) as (url, groups):
-                row = new_row(f"straight design, {workers} sync workers")
-                with run.measured(row, groups) as extra:
-                    stats = closed_load(
-                        run, url, base_lo, base_hi, users=users, prefer=str(args.prefer_wait)
+                rows.append(
+                    measure_closed(
+                        run,
+                        new_row(f"straight design, {workers} sync workers"),
+                        groups,
+                        (url, base_lo, base_hi),
+                        users=users,
+                        prefer=str(args.prefer_wait),
+                        client="one POST (200)",
                     )
-                    extra["generator"] = stats["generator_cpu_s"]
-                row.update(client="one POST (200)", users=users, **closed_stats(stats))
-                rows.append(row)
-                print_progress(row)
+                )
     return rows
+
+
+def measure_closed(
+    run: Run,
+    row: Row,
+    groups: Callable[[], dict[str, list[int]]],
+    target: tuple[str, int, int],
+    *,
+    users: int,
+    prefer: str,
+    client: str,
+) -> Row:
+    """``row`` filled with a closed-loop load of ``users`` against ``target`` (URL, lowest
+    and highest product id) and the CPU of ``groups``; printed as it is done."""
+    url, lo, hi = target
+    with run.measured(row, groups) as extra:
+        stats = closed_load(run, url, lo, hi, users=users, prefer=prefer)
+        extra["generator"] = stats["generator_cpu_s"]
+    row.update(client=client, users=users, **closed_stats(stats))
+    print_progress(row)
+    return row
 
 
 def restart_web(run: Run, processes: int) -> None:
@@ -683,19 +710,15 @@ def _scaling_closed(run: Run, processes: int, users: int) -> Row:
         "system": "this service",
         "web_processes": processes,
     }
-    with run.measured(row, run.service_groups) as extra:
-        stats = closed_load(
-            run,
-            run.base,
-            run.spread[0],
-            run.spread[-1],
-            users=users,
-            prefer=str(run.args.prefer_wait),
-        )
-        extra["generator"] = stats["generator_cpu_s"]
-    row.update(client="prefer", users=users, **closed_stats(stats))
-    print_progress(row)
-    return row
+    return measure_closed(
+        run,
+        row,
+        run.service_groups,
+        (run.base, run.spread[0], run.spread[-1]),
+        users=users,
+        prefer=str(run.args.prefer_wait),
+        client="prefer",
+    )
 
 
 def _scaling_open(run: Run, processes: int) -> Row:
