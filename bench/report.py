@@ -143,12 +143,21 @@ CEILINGS: list[Column] = [
     col("note", "note"),
 ]
 
+
+def cores_busy(row: Row) -> str:
+    """CPU seconds of every group over the measured window's seconds: how much of the
+    machine the load kept busy (2.00: two whole cores)."""
+    wall = row.get("cpu_wall_s")
+    return fmt(sum(row["cpu_s"].values()) / wall, 2) if wall and row.get("cpu_s") else "-"
+
+
 CPU: list[Column] = [
     col("scenario", "scenario"),
     ("system", lambda r: r["system"] + (f" ({r['client']})" if "client" in r else "")),
     *[(g, lambda r, g=g: fmt(r["cpu_ms_per_job"].get(g), 3)) for g in CPU_GROUPS],
     ("total", lambda r: fmt(sum(r["cpu_ms_per_job"].values()), 3)),
     col("jobs", "jobs"),
+    ("cores busy", cores_busy),
 ]
 
 AUTH: list[Column] = [

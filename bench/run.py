@@ -257,9 +257,11 @@ class Run:
         units, seq = self.work_units(), checks.last_seq(self.pg.url)
         extra: dict[str, float] = {}
         meter.start()
+        started = time.monotonic()
         yield extra
         drain_s, violations = checks.wait_drained(self.pg.url, self.args.drain_timeout)
         cpu = meter.stop()
+        row["cpu_wall_s"] = round(time.monotonic() - started, 2)  # the machine's share used
         cpu.update(extra)
         jobs = self.work_units() - units
         violations += checks.check_invariants(

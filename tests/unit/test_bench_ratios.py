@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from bench.report import cores_busy
 from bench.run import ratios, scaling_rows
 
 SPREAD = "closed loop, 32 users, 200 products"
@@ -113,3 +114,10 @@ def test_web_processes_are_compared_within_each_load() -> None:
     assert by["open", 4]["cpu_ratio"] == pytest.approx(1.025)
     assert by["open", 4]["met"] is True
     assert by["open", 2]["against"] == "2 web processes"
+
+
+def testcores_busy_is_the_cpu_of_every_group_over_the_measured_seconds() -> None:
+    row = {"cpu_s": {"web": 12.0, "worker": 9.0, "generator": 3.0}, "cpu_wall_s": 16.0}
+    assert cores_busy(row) == "1.50"
+    # Rows measured without a window (ceilings, older JSON) say so rather than guess.
+    assert cores_busy({"cpu_s": {"web": 1.0}}) == "-"
