@@ -261,7 +261,7 @@ class Run:
         yield extra
         drain_s, violations = checks.wait_drained(self.pg.url, self.args.drain_timeout)
         cpu = meter.stop()
-        row["cpu_wall_s"] = round(time.monotonic() - started, 2)  # the machine's share used
+        row["cpu_wall_s"] = round(time.monotonic() - started, 2)  # for "cores busy"
         cpu.update(extra)
         jobs = self.work_units() - units
         violations += checks.check_invariants(

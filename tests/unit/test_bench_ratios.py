@@ -116,7 +116,7 @@ def test_web_processes_are_compared_within_each_load() -> None:
     assert by["open", 2]["against"] == "2 web processes"
 
 
-def testcores_busy_is_the_cpu_of_every_group_over_the_measured_seconds() -> None:
+def test_cores_busy_is_the_cpu_of_every_group_over_the_measured_seconds() -> None:
     row = {"cpu_s": {"web": 12.0, "worker": 9.0, "generator": 3.0}, "cpu_wall_s": 16.0}
     assert cores_busy(row) == "1.50"
     # Rows measured without a window (ceilings, older JSON) say so rather than guess.
